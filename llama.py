@@ -239,6 +239,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig, attn_fn: AttentionFn = causal_attention):
         super().__init__()
         self.cfg, self.attn_fn = cfg, attn_fn
+        self.train_attn_fn: AttentionFn | None = None   # e.g. S2-Attn: used in training mode only
         self.gradient_checkpointing = False   # recompute each block in backward: memory for time
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
@@ -260,12 +261,15 @@ class Llama(nn.Module):
         """tokens (B, T) -> logits (B, T, V). With a cache, tokens sit at positions start .. start+T-1."""
         positions = torch.arange(start, start + tokens.size(1), device=tokens.device)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg))       # (T, D) each, fp32
+        # training may use a cheaper attention (S2-Attn); inference always sees full causal attention
+        train_fn = self.train_attn_fn if self.training and cache is None else None
+        attn_fn = train_fn or self.attn_fn
         x = self.embed_tokens(tokens)                                      # (B, T, C)
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.attn_fn, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_fn, use_reentrant=False)
             else:
-                x = block(x, cos, sin, self.attn_fn, None if cache is None else cache[i], start)
+                x = block(x, cos, sin, attn_fn, None if cache is None else cache[i], start)
         return self.lm_head(self.norm(x))                                  # (B, T, V)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

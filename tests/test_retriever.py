@@ -13,6 +13,7 @@ from transformers import BertConfig as HFBertConfig
 from transformers import BertModel
 
 import retriever
+from conftest import CACHE
 from retriever import (ColBERT, ColBERTConfig, Index, build_index, default_model_dir, in_batch_loss, maxsim,
                        maxsim_reference, read_corpus, write_candidates)
 
@@ -128,6 +129,9 @@ def test_query_and_document_tokens_follow_colbert(tmp_path):
     assert score[0].tolist() == [True, True, True, False, True, True]   # punctuation not scored
     assert ids[1].tolist()[:4] == [v["[CLS]"], v["[unused1]"], v["fever"], v["[SEP]"]]
     assert attend[1].tolist() == score[1].tolist() == [True] * 4 + [False] * 2   # padding
+    tok.cfg.mask_punctuation = False
+    _, attend, score = tok.docs(["heart , lung"])
+    assert torch.equal(attend, score)
 
 
 def test_maxsim_equals_loop_reference():
@@ -304,14 +308,17 @@ def test_bad_corpus_lines_stop_before_anything_is_written(tiny_index, tmp_path, 
 # Real retrieval: PubMedQA, each question against the 1,000 abstracts
 
 @pytest.mark.skipif(not (DATA / "pubmedqa" / "ori_pqal.json").is_file(), reason=f"no {DATA}/pubmedqa")
-def test_pubmedqa_recall_at_10_with_minilm(tmp_path):
+def test_pubmedqa_recall_at_10_with_minilm():
+    """About 100 s on 2 cores the first time; the index is cached in the test cache (build_index
+    returns at once when a complete index with the same encoder, settings and corpus exists)."""
     pq = json.loads((DATA / "pubmedqa" / "ori_pqal.json").read_text())
-    corpus = tmp_path / "abstracts.jsonl"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    corpus = CACHE / "pubmedqa-abstracts.jsonl"
     corpus.write_text("\n".join(json.dumps({"id": pmid, "contents": " ".join(r["CONTEXTS"])})
                                 for pmid, r in pq.items()) + "\n")
     model = ColBERT.from_pretrained(default_model_dir()).eval()   # MiniLM + seeded 384 -> 128 projection
-    build_index(model, corpus, tmp_path / "index", shard_size=250, batch_size=32)
-    index = Index(tmp_path / "index")
+    build_index(model, corpus, CACHE / "pubmedqa-index", shard_size=250, batch_size=32)
+    index = Index(CACHE / "pubmedqa-index")
     with torch.no_grad():
         Q, qm = model.encode_queries([r["QUESTION"] for r in pq.values()])
     _, top = index.search(Q, qm, k=10)

@@ -7,6 +7,7 @@ groups of G tokens, so the cost grows with T*G instead of T^2. The semantics (..
   - the last H//2 heads (LongLoRA shifts the second half) use groups shifted by G/2: token i is in
     group (i + G/2) // G, so the first and the last shifted groups are half-size (the last one may
     be cut shorter still when T is not a multiple of G);
+  - with G >= T there is a single group and no shift: every head is full causal attention;
   - no token ever sees a later token. LongLoRA's `torch.roll` version rolls the first G/2 tokens
     to the end, into one group after the last G/2 tokens, which they then see; here the first
     shifted group simply holds G/2 tokens.
@@ -93,8 +94,9 @@ def shifted_heads(num_heads: int) -> torch.Tensor:
 
 
 def group_ids(T: int, group_size: int, shifted: bool, device=None) -> torch.Tensor:
-    """(T,) group index of each token: i // G, or (i + G/2) // G for shifted heads."""
-    shift = group_size // 2 if shifted else 0
+    """(T,) group index of each token: i // G, or (i + G/2) // G for shifted heads. With G >= T
+    there is one group and nothing to shift: S2-Attn is then exactly full causal attention."""
+    shift = group_size // 2 if shifted and group_size < T else 0
     return (torch.arange(T, device=device) + shift) // group_size
 
 
@@ -254,7 +256,7 @@ def _s2_fwd_kernel(Q, K, V, O, LSE,
     # 1. This program's queries: block m0 .. m0 + BM of head h in batch b (K/V head h // N_REP).
     m0 = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    shift = tl.where(h >= H - H // 2, G // 2, 0)                             # last H//2 heads: shifted
+    shift = tl.where((h >= H - H // 2) & (G < T), G // 2, 0)                             # last H//2 heads: shifted
     offs_m = m0 + tl.arange(0, BLOCK_M)                                      # (BM,)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, stride_qt, T, HEAD_DIM, INTERPRETED,
                    True)                                                     # (BM, D)
@@ -336,7 +338,7 @@ def _s2_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     # 1. Queries, as in the forward kernel, plus dO, the saved log-sum-exp and delta.
     m0 = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    shift = tl.where(h >= H - H // 2, G // 2, 0)
+    shift = tl.where((h >= H - H // 2) & (G < T), G // 2, 0)
     offs_m = m0 + tl.arange(0, BLOCK_M)                                      # (BM,)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, stride_qt, T, HEAD_DIM, INTERPRETED,
                    True)                                                     # (BM, D)
@@ -414,7 +416,7 @@ def _s2_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     # 2. GQA: every query head h that reads this K/V head adds its share; heads differ in shift.
     for r in range(N_REP):
         h = kv_h * N_REP + r
-        shift = tl.where(h >= H - H // 2, G // 2, 0)
+        shift = tl.where((h >= H - H // 2) & (G < T), G // 2, 0)
         Q_head = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         DO_head = DO + b.to(tl.int64) * stride_db + h * stride_dh
         row = (b * H + h).to(tl.int64) * T                                   # LSE, DELTA: (B*H, T)

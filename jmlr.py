@@ -1,0 +1,227 @@
+"""jmlr.py: the JMLR method: an LLM and a retriever trained together (Wang et al. 2024, arXiv 2402.17887).
+
+For each question q (with its options) and target y (answer letter and text, plus the rationale when
+the data has one), with a candidate list C of N document ids retrieved beforehand (retriever.py):
+
+  1. s_k = MaxSim(E_q(q), E_d(d_k)), k in C              re-scored with gradients, documents re-encoded
+  2. draw m of C without replacement, p = softmax(s / tau) (dynamic sampling)
+  3. l_k = mean NLL of y given (d_k, q), no gradient     one padded batch for every sampled k
+  4. L_rank = mean over pairs (a, b), l_a != l_b, of BCE(sigmoid((s_a - s_b) / tau_r), 1[l_a < l_b])
+  5. L_gen = mean NLL of y given (top-k documents by s, best last, q)
+  6. L = L_gen + lambda * L_rank                          L_gen reaches only the LLM, L_rank only the retriever
+
+Shape legend:
+    B  questions in the batch    N  candidates per question    m  sampled documents    k  documents in the prompt
+    Lq query tokens    Ld document tokens    d  retriever dim    T  LLM tokens    V  LLM vocabulary
+
+How this differs from the official code (believewhat/JMLR-Joint-Medical-LLM-and-Retrieval-Training), and why:
+  - sampling uses softmax(s / tau) with an explicit tau; the official code min-max scales the
+    scores to [-1, 1] first, which makes the draw nearly uniform (`minmax_scale=True` reproduces it);
+  - the rank loss is averaged over the pairs that exist (the official normalizer is off by one);
+  - one prompt template, shared with eval.py (the official training and inference prompts differ);
+  - top-k = 7 documents in the prompt (the official code uses 5; the paper reports 7 as best).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llama import sequence_nll
+from retriever import maxsim
+
+OBJECTIVES = ("jmlr", "lsr", "pdist", "emdr2", "none", "rag", "retriever_only")
+
+
+@dataclass
+class JMLRConfig:
+    objective: str = "jmlr"       # one of OBJECTIVES: the retriever loss, or a baseline
+    num_sampled: int = 10         # m: documents drawn per question for the per-document losses
+    tau: float = 1.0              # sampling temperature: p = softmax(s / tau)
+    minmax_scale: bool = False    # the official code's [-1, 1] scaling before the softmax
+    tau_rank: float = 1.0         # RankNet temperature: sigmoid((s_a - s_b) / tau_rank)
+    top_k: int = 7                # documents in the generation prompt
+    rank_weight: float = 1.0      # lambda in L = L_gen + lambda * L_rank
+    max_doc_tokens: int = 180     # each document is cut to this many LLM tokens in the prompt
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt, shared with eval.py: documents (best last, nearest the question), question, options
+
+def format_context(docs: list[str], question: str, options: dict[str, str]) -> list[str]:
+    """The prompt as pieces, each ending in a newline (so that they tokenize independently):
+    one per document, then the question with lettered options and the answer cue."""
+    pieces = [f"Document: {d.strip()}\n" for d in docs]
+    opts = "".join(f"{letter}. {text}\n" for letter, text in options.items())
+    return pieces + [f"Question: {question.strip()}\n{opts}Answer:"]
+
+
+def format_target(letter: str, answer: str, rationale: str | None = None) -> str:
+    """' B. Vitamin C' plus '\\nExplanation: ...' when the data has a rationale."""
+    target = f" {letter}. {answer.strip()}"
+    return target + f"\nExplanation: {rationale.strip()}" if rationale else target
+
+
+def tokenize_example(tok, docs: list[str], question: str, options: dict[str, str], target: str,
+                     max_doc_tokens: int) -> tuple[list[int], list[int]]:
+    """-> (tokens, labels): labels are -100 on the prompt and the tokens themselves on the target
+    (which ends with EOS). Each document is cut to max_doc_tokens."""
+    *doc_pieces, question_piece = format_context(docs, question, options)
+    prompt, newline = tok.encode("", bos=None), tok.encode("\n", bos=False)   # [BOS] if the model wants it
+    for piece in doc_pieces:
+        ids = tok.encode(piece, bos=False)
+        prompt += ids if len(ids) <= max_doc_tokens else ids[:max_doc_tokens - len(newline)] + newline
+    prompt += tok.encode(question_piece, bos=False)
+    answer = tok.encode(target, bos=False, eos=True)
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (tokens, labels) rows -> tokens (B, T), labels (B, T). Right padding is invisible
+    to causal attention: no real token attends to a later pad."""
+    T = max(len(t) for t, _ in rows)
+    tokens = torch.tensor([t + [pad_id] * (T - len(t)) for t, _ in rows], device=device)
+    labels = torch.tensor([lab + [-100] * (T - len(lab)) for _, lab in rows], device=device)
+    return tokens, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# The method's steps as small functions
+
+def sample_documents(scores: torch.Tensor, m: int, tau: float, minmax_scale: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Step 2: draw m of N candidates without replacement, p = softmax(s / tau). (B, N) -> (B, m).
+
+    torch.multinomial without replacement draws one at a time, renormalizing over what is left:
+    the first draw follows the softmax exactly. No gradient flows through the draw."""
+    s = scores.detach().float()
+    if minmax_scale:   # the official code's scaling to [-1, 1]: nearly uniform draws for small tau
+        lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
+        s = 2 * (s - lo) / (hi - lo).clamp_min(1e-12) - 1
+    probs = torch.softmax(s / tau, dim=1)
+    return torch.multinomial(probs, m, replacement=False, generator=generator)
+
+
+def rank_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau_rank: float = 1.0) -> torch.Tensor:
+    """Step 4, RankNet: scores (B, m) with gradients, llm_losses (B, m) detached -> scalar.
+
+    Every unordered pair (a, b) of one question whose LLM losses differ contributes
+    BCE(sigmoid((s_a - s_b) / tau_rank), 1[l_a < l_b]): the document that lowers the LLM's loss must
+    score higher. Ties contribute nothing; the mean is over the pairs that exist in the batch."""
+    diff = (scores[:, :, None] - scores[:, None, :]) / tau_rank               # (B, m, m): s_a - s_b
+    l = llm_losses.detach()
+    target = (l[:, :, None] < l[:, None, :]).float()                         # 1 where a is better
+    m = scores.size(1)
+    pairs = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1) & (l[:, :, None] != l[:, None, :])
+    if not pairs.any():
+        return scores.sum() * 0.0                                            # keeps the graph, no signal
+    bce = F.binary_cross_entropy_with_logits(diff, target, reduction="none")  # (B, m, m)
+    return bce[pairs].mean()
+
+
+def lsr_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """REPLUG's LM-supervised retrieval: KL(P_R || Q_LM), P_R = softmax(s / tau) over the sampled
+    documents, Q_LM = softmax(-l / beta) (documents that make the answer likely). (B, m) -> scalar."""
+    log_p = F.log_softmax(scores / tau, dim=1)
+    log_q = F.log_softmax(-llm_losses.detach() / beta, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def pdist_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Atlas's perplexity distillation: KL(Q_LM || P_R), the retriever fits the LM's preference."""
+    log_p = F.log_softmax(scores / tau, dim=1)
+    q = F.softmax(-llm_losses.detach() / tau, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean")
+
+
+def emdr2_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Atlas's EMDR^2 with a frozen LM term: -log sum_k p_R(d_k) p_LM(y | d_k, q), with
+    log p_LM = -l (mean NLL as the per-token log-likelihood)."""
+    return -torch.logsumexp(F.log_softmax(scores / tau, dim=1) - llm_losses.detach(), dim=1).mean()
+
+
+RETRIEVER_LOSSES = {"jmlr": lambda s, l, c: rank_loss(s, l, c.tau_rank), "lsr": lambda s, l, c: lsr_loss(s, l, c.tau),
+                    "pdist": lambda s, l, c: pdist_loss(s, l, c.tau), "emdr2": lambda s, l, c: emdr2_loss(s, l, c.tau)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The joint module
+
+@dataclass
+class Example:
+    question: str
+    options: dict[str, str]     # letter -> text
+    target: str                 # format_target(...)
+    candidates: list[str]       # N candidate document texts, in the candidate file's order
+    gold: int | None = None     # index in candidates of a known gold document, for metrics only
+
+
+class JMLR(nn.Module):
+    """Owns the LLM (llama.Llama) and the retriever (retriever.ColBERT); `forward(batch)` computes
+    the joint loss of one batch and a metrics dict. One module, so one DDP wrapper covers both."""
+
+    def __init__(self, llm: nn.Module, retriever: nn.Module | None, tokenizer, cfg: JMLRConfig, pad_id: int = 0):
+        super().__init__()
+        self.llm, self.retriever, self.tok, self.cfg, self.pad_id = llm, retriever, tokenizer, cfg, pad_id
+
+    def llm_losses(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Per-row mean NLL of the labelled target: a list of (tokens, labels) -> (len(rows),)."""
+        device = self.llm.embed_tokens.weight.device
+        tokens, labels = pad_batch(rows, self.pad_id, device)
+        return sequence_nll(self.llm(tokens), labels)
+
+    def score_candidates(self, batch: list[Example]) -> torch.Tensor:
+        """Step 1: s (B, N) = MaxSim of each question against its own candidates, with gradients."""
+        B, N = len(batch), len(batch[0].candidates)
+        if any(len(ex.candidates) != N for ex in batch):
+            raise ValueError(f"every example needs the same number of candidates ({N}); pad the candidate file")
+        Q, q_mask = self.retriever.encode_queries([ex.question for ex in batch])      # (B, Lq, d), (B, Lq)
+        D, d_mask = self.retriever.encode_docs([d for ex in batch for d in ex.candidates])   # (B*N, Ld, d)
+        return maxsim(Q, q_mask, D.view(B, N, *D.shape[1:]), d_mask.view(B, N, -1))  # (B, N)
+
+    def forward(self, batch: list[Example], generator: torch.Generator | None = None):
+        cfg, metrics = self.cfg, {}
+        tokenize = lambda ex, docs: tokenize_example(self.tok, docs, ex.question, ex.options, ex.target,  # noqa: E731
+                                                     cfg.max_doc_tokens)
+        if cfg.objective == "none":
+            loss_gen = self.llm_losses([tokenize(ex, []) for ex in batch]).mean()
+            return loss_gen, {"loss_gen": loss_gen.item()}
+
+        # 1. re-score the candidates (no gradient for a frozen retriever)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.objective != "rag"):
+            scores = self.score_candidates(batch)                                   # (B, N)
+        # 5. generation loss with the top-k documents, best last (nearest the question)
+        top = scores.detach().topk(min(cfg.top_k, scores.size(1)), dim=1).indices  # (B, k), best first
+        rows = [tokenize(ex, [ex.candidates[i] for i in reversed(t)]) for ex, t in zip(batch, top.tolist())]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.objective != "retriever_only"):
+            loss_gen = self.llm_losses(rows).mean()
+        metrics["loss_gen"] = loss_gen.item()
+        golds = [(b, ex.gold) for b, ex in enumerate(batch) if ex.gold is not None]
+        if golds:   # rank of the gold document among the candidates, by the current scores
+            ranks = [int((scores[b] > scores[b, g]).sum()) + 1 for b, g in golds]
+            metrics["gold_rank"] = sum(ranks) / len(ranks)
+            metrics["recall_at_k"] = sum(r <= cfg.top_k for r in ranks) / len(ranks)
+        metrics["doc_rank"] = float(top.float().mean()) + 1    # mean candidate-list rank of the docs used
+        if cfg.objective == "rag":
+            return loss_gen, metrics
+
+        # 2. dynamic sampling, 3. per-document LLM losses as one padded no-grad batch
+        picked = sample_documents(scores, min(cfg.num_sampled, scores.size(1)), cfg.tau, cfg.minmax_scale, generator)
+        with torch.no_grad():
+            rows = [tokenize(ex, [ex.candidates[i]]) for ex, p in zip(batch, picked.tolist()) for i in p]
+            losses = self.llm_losses(rows).view(picked.shape)                         # (B, m)
+        sampled = scores.gather(1, picked)                                            # (B, m), with gradients
+        # 4. the retriever loss, 6. the joint loss
+        loss_ret = RETRIEVER_LOSSES["jmlr" if cfg.objective == "retriever_only" else cfg.objective](sampled, losses, cfg)
+        loss = (0.0 if cfg.objective == "retriever_only" else loss_gen) + cfg.rank_weight * loss_ret
+        agree = torch.sign(sampled[:, :, None] - sampled[:, None, :]) == torch.sign(losses[:, None, :] - losses[:, :, None])
+        differ = losses[:, :, None] != losses[:, None, :]
+        metrics.update(loss_rank=loss_ret.item(), loss_spread=float((losses.amax(1) - losses.amin(1)).mean()),
+                       rank_agreement=float(agree[differ].float().mean()) if differ.any() else math.nan)
+        return loss, metrics

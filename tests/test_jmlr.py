@@ -1,0 +1,117 @@
+"""jmlr.py's steps against hand computations, and the joint loss's gradient routing."""
+
+import math
+
+import pytest
+import torch
+
+from jmlr import (JMLR, Example, JMLRConfig, format_target, rank_loss, sample_documents, tokenize_example)
+from llama import Llama, LlamaConfig
+from test_retriever import VOCAB, tiny_bert
+from retriever import ColBERT, ColBERTConfig
+
+
+class ByteTokenizer:
+    """Bytes as tokens, 1 = BOS, 2 = EOS: enough for a tiny LLM."""
+    def encode(self, text, bos=None, eos=False):
+        return ([1] if bos is None else []) + [3 + b % 250 for b in text.encode()] + ([2] if eos else [])
+
+
+def test_rank_loss_hand_computed_gradient_sign_and_ties():
+    s = torch.tensor([[2.0, 1.0, 0.5]], requires_grad=True)
+    l = torch.tensor([[0.3, 0.1, 0.3]])           # doc 1 is best; docs 0 and 2 tie
+    # pairs (0,1): target 0 (l_0 > l_1), (1,2): target 1; (0,2) is a tie and does not count
+    sig = lambda x: 1 / (1 + math.exp(-x))        # noqa: E731
+    expected = (-math.log(1 - sig(2.0 - 1.0)) - math.log(sig(1.0 - 0.5))) / 2
+    loss = rank_loss(s, l, tau_rank=1.0)
+    assert abs(loss.item() - expected) < 1e-6
+    loss.backward()
+    assert s.grad[0, 1] < 0, "the document with the lowest LLM loss must be pushed up"
+    s2 = torch.tensor([[2.0, 1.0, 0.7]], requires_grad=True)   # moving the tie partner of doc 0 alone...
+    rank_loss(s2, l).backward()
+    assert torch.allclose(s.grad[0, 0], s2.grad[0, 0])         # ...leaves doc 0's gradient unchanged
+    assert rank_loss(torch.zeros(2, 3, requires_grad=True), torch.ones(2, 3)).item() == 0.0   # all ties
+
+
+def test_sampling_without_replacement_matches_softmax_and_is_seeded():
+    scores = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_documents(scores.expand(1000, 4), 3, tau=0.5, generator=g) for _ in range(10)])
+    assert all(len(set(row)) == 3 for row in draws.tolist()), "a document was drawn twice"
+    first = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)    # the first draw is the softmax
+    expected = torch.softmax(scores[0] / 0.5, dim=0)
+    assert (first - expected).abs().max() < 0.02      # 10,000 draws: 3 standard errors is about 0.015
+    a = sample_documents(scores, 2, 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_documents(scores, 2, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_minmax_scaling_makes_sampling_nearly_uniform():
+    scores = torch.tensor([[30.0, 10.0, 0.0]])         # MaxSim scores are tens of units apart
+    g = torch.Generator().manual_seed(0)
+    draws = sample_documents(scores.expand(20000, 3), 1, tau=1.0, minmax_scale=True, generator=g)[:, 0]
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    assert torch.allclose(freq, torch.softmax(torch.tensor([1.0, -1 / 3, -1.0]), 0), atol=0.02)
+    assert freq.min() > 0.1                            # without scaling doc 2 would never be drawn
+
+
+@pytest.fixture
+def joint(tmp_path):
+    _, ckpt = tiny_bert(tmp_path)
+    retriever = ColBERT.from_pretrained(ckpt, ColBERTConfig(dim=16, doc_maxlen=16, query_maxlen=8))
+    llm = Llama(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2))
+    words = VOCAB[12:]
+    g = torch.Generator().manual_seed(0)
+    doc = lambda: " ".join(words[i] for i in torch.randint(0, len(words), (6,), generator=g))   # noqa: E731
+    batch = [Example(f"question {i} {doc()}", {"A": "aspirin", "B": "insulin"}, format_target("A", "aspirin"),
+                     [doc() for _ in range(5)], gold=0) for i in range(3)]
+    return llm, retriever, batch
+
+
+def test_batched_per_document_losses_equal_one_at_a_time(joint):
+    llm, retriever, batch = joint
+    model = JMLR(llm, retriever, ByteTokenizer(), JMLRConfig())
+    rows = [tokenize_example(model.tok, [d], ex.question, ex.options, ex.target, 180)
+            for ex in batch for d in ex.candidates[:3]]
+    with torch.no_grad():
+        together = model.llm_losses(rows)
+        alone = torch.cat([model.llm_losses([r]) for r in rows])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_joint_loss_reaches_both_models_and_generation_loss_only_the_llm(joint):
+    llm, retriever, batch = joint
+    model = JMLR(llm, retriever, ByteTokenizer(), JMLRConfig(num_sampled=4, top_k=2))
+    loss, metrics = model(batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    grad = lambda m: sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)   # noqa: E731
+    assert grad(llm) > 0 and grad(retriever) > 0
+    assert {"loss_gen", "loss_rank", "rank_agreement", "doc_rank", "gold_rank"} <= metrics.keys()
+    model.zero_grad()
+    model.cfg.rank_weight = 0.0            # L_gen alone: the documents enter as tokens, no retriever gradient
+    model(batch, generator=torch.Generator().manual_seed(0))[0].backward()
+    assert grad(llm) > 0 and grad(retriever) == 0
+
+
+@pytest.mark.parametrize("objective, llm_grad, retriever_grad", [
+    ("rag", True, False), ("retriever_only", False, True), ("none", True, False),
+    ("lsr", True, True), ("pdist", True, True), ("emdr2", True, True)])
+def test_objectives_route_gradients(joint, objective, llm_grad, retriever_grad):
+    llm, retriever, batch = joint
+    model = JMLR(llm, retriever, ByteTokenizer(), JMLRConfig(objective=objective, num_sampled=3, top_k=2))
+    loss, _ = model(batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    has = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())   # noqa: E731
+    assert has(llm) == llm_grad and has(retriever) == retriever_grad
+
+
+def test_labels_cover_the_target_only():
+    tok = ByteTokenizer()
+    tokens, labels = tokenize_example(tok, ["doc one", "doc two"], "Q?", {"A": "x", "B": "y"},
+                                      format_target("B", "y", "because"), max_doc_tokens=8)
+    target = tok.encode(" B. y\nExplanation: because", bos=False, eos=True)
+    assert labels[-len(target):] == target and set(labels[:-len(target)]) == {-100}
+    assert tokens[-len(target):] == target
+    nl = tok.encode("\n", bos=False)
+    assert tokens[1:9] == tok.encode("Document: doc one\n", bos=False)[:7] + nl   # cut to 8 tokens, newline kept

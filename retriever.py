@@ -516,41 +516,43 @@ class Index:
 
     @torch.no_grad()
     def search(self, Q: torch.Tensor, q_mask: torch.Tensor, k: int = 10,
-               chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk_bytes: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
         """Q (Nq, Lq, d), q_mask (Nq, Lq) -> top-k scores and document numbers, each (Nq, k).
 
-        Per chunk of stored tokens: one matmul of every token with every query token, the max over
-        each document's tokens (a segment max), the masked sum over query tokens, and a merge into
-        the running top-k. Memory is about `chunk_bytes`, whatever the size of the index.
+        Per shard: a table `best` (n docs, Nq*Lq) of each document's best match for each query
+        token, filled chunk by chunk of stored tokens (one matmul, then a scatter-max by the
+        token's owner document); then the masked sum over query tokens and one top-k merge.
+        Memory: two chunk buffers of about `chunk_bytes` (small enough to stay in cache, and
+        reused, so no page is zero-filled twice) plus one shard's `best`, whatever the index size.
         """
         device = Q.device
         dtype = torch.float16 if device.type == "cuda" else torch.float32   # CPUs lack fast fp16 matmul
         Nq, Lq, d = Q.shape
-        chunk_tokens = max(1, chunk_bytes // (4 * max(d, Nq * Lq)))        # bounds E and sim, both fp32
+        chunk = max(1, chunk_bytes // (4 * max(d, Nq * Lq)))               # tokens per chunk
         Qt = Q.reshape(Nq * Lq, d).T.to(dtype)                              # (d, Nq*Lq)
+        E_buf = sim_buf = torch.empty(0, device=device)
         top_s = torch.full((Nq, 0), float("-inf"), device=device)
         top_i = torch.zeros((Nq, 0), dtype=torch.long, device=device)
         first_doc = 0
         for path in self.shards:
             with open_safetensors(path) as f:
                 offsets, emb = f.get_tensor("offsets"), f.get_slice("embeddings")
-                n = offsets.numel() - 1
-                a = 0
-                while a < n:   # docs [a, b) hold at most chunk_tokens tokens (at least one doc)
-                    b = max(a + 1, int(torch.searchsorted(offsets, offsets[a] + chunk_tokens, right=True)) - 1)
-                    E = emb[int(offsets[a]):int(offsets[b])].to(device, dtype)     # (Ntok, d)
-                    sim = (E @ Qt).float()                                          # (Ntok, Nq*Lq)
-                    lengths = (offsets[a + 1:b + 1] - offsets[a:b]).to(device)      # (b - a,)
-                    owner = torch.repeat_interleave(torch.arange(b - a, device=device), lengths)
-                    best = torch.full((b - a, Nq * Lq), float("-inf"), device=device).scatter_reduce_(
-                        0, owner[:, None].expand_as(sim), sim, "amax")              # (b - a, Nq*Lq)
-                    scores = torch.where(q_mask.reshape(1, Nq, Lq), best.view(b - a, Nq, Lq), 0.0).sum(-1)
-                    doc_nums = torch.arange(first_doc + a, first_doc + b, device=device)
-                    top_s = torch.cat([top_s, scores.T], dim=1)                     # (Nq, k + b - a)
-                    top_i = torch.cat([top_i, doc_nums.expand(Nq, -1)], dim=1)
-                    top_s, pick = top_s.topk(min(k, top_s.size(1)), dim=1)
-                    top_i = top_i.gather(1, pick)
-                    a = b
+                n, n_tok = offsets.numel() - 1, int(offsets[-1])
+                owner = torch.repeat_interleave(torch.arange(n), offsets.diff()).to(device)   # (Ntok,) doc of token
+                best = torch.full((n, Nq * Lq), float("-inf"), device=device)                # (n, Nq*Lq)
+                if E_buf.size(0) < min(chunk, n_tok):                       # allocated once, reused
+                    E_buf = torch.empty(min(chunk, n_tok), d, dtype=dtype, device=device)           # (chunk, d)
+                    sim_buf = torch.empty(min(chunk, n_tok), Nq * Lq, dtype=dtype, device=device)   # (chunk, Nq*Lq)
+                for t0 in range(0, n_tok, chunk):
+                    t1 = min(t0 + chunk, n_tok)
+                    E = E_buf[:t1 - t0].copy_(emb[t0:t1])                   # (t, d): fp16 on disk -> dtype
+                    sim = torch.mm(E, Qt, out=sim_buf[:t1 - t0]).float()    # (t, Nq*Lq)
+                    best.scatter_reduce_(0, owner[t0:t1, None].expand_as(sim), sim, "amax")
+            scores = torch.where(q_mask.reshape(1, Nq, Lq), best.view(n, Nq, Lq), 0.0).sum(-1)   # (n, Nq)
+            top_s = torch.cat([top_s, scores.T], dim=1)                     # (Nq, k + n)
+            top_i = torch.cat([top_i, torch.arange(first_doc, first_doc + n, device=device).expand(Nq, -1)], dim=1)
+            top_s, pick = top_s.topk(min(k, top_s.size(1)), dim=1)
+            top_i = top_i.gather(1, pick)
             first_doc += n
         return top_s, top_i
 

@@ -211,7 +211,7 @@ def test_search_returns_the_brute_force_top_k(tiny_index):
         D, dm = model.encode_docs(texts)
     brute = maxsim(Q, qm, D.half().float(), dm)                           # index stores fp16
     top_s, top_i = brute.topk(7, dim=1)
-    for chunk_bytes in (1 << 28, 4 * 6 * 32 * 25):                        # one chunk; chunks of ~25 tokens
+    for chunk_bytes in (1 << 28, 4 * 6 * 32 * 25):     # one chunk per shard; 25 tokens (docs split)
         s, i = index.search(Q, qm, k=7, chunk_bytes=chunk_bytes)
         assert torch.equal(i, top_i) and torch.allclose(s, top_s, atol=1e-5)
     assert index.ids[int(top_i[0, 0])] == f"doc{int(top_i[0, 0])}"

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import sequence_nll
 from retriever import maxsim
 
 OBJECTIVES = ("jmlr", "lsr", "pdist", "emdr2", "none", "rag", "retriever_only")
@@ -174,7 +173,7 @@ class JMLR(nn.Module):
         """Per-row mean NLL of the labelled target: a list of (tokens, labels) -> (len(rows),)."""
         device = self.llm.embed_tokens.weight.device
         tokens, labels = pad_batch(rows, self.pad_id, device)
-        return sequence_nll(self.llm(tokens), labels)
+        return self.llm.sequence_loss(tokens, labels)
 
     def score_candidates(self, batch: list[Example]) -> torch.Tensor:
         """Step 1: s (B, N) = MaxSim of each question against its own candidates, with gradients."""

@@ -259,6 +259,20 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V). With a cache, tokens sit at positions start .. start+T-1."""
+        return self.lm_head(self.hidden_states(tokens, cache, start))      # (B, T, V)
+
+    def sequence_loss(self, tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """sequence_nll(self(tokens), labels) -> (B,), with the output head run only where a label is
+        set. JMLR's targets are a few tokens after a long prompt, so the (B, T, V) logits (262 MB per
+        2,048-token sequence at Llama-2's vocabulary, in fp32) are never built."""
+        target = labels[:, 1:]                                             # position t predicts t + 1
+        keep = target != ignore_index                                      # (B, T-1)
+        h = self.hidden_states(tokens)[:, :-1][keep]                       # (n, C): labelled positions only
+        nll = F.cross_entropy(self.lm_head(h).float(), target[keep], reduction="none")   # (n,)
+        return per_row_mean(nll, keep)
+
+    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """tokens (B, T) -> final normalized hidden states (B, T, C), the input of the output head."""
         positions = torch.arange(start, start + tokens.size(1), device=tokens.device)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg))       # (T, D) each, fp32
         # training may use a cheaper attention (S2-Attn); inference always sees full causal attention
@@ -270,7 +284,7 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_fn, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_fn, None if cache is None else cache[i], start)
-        return self.lm_head(self.norm(x))                                  # (B, T, V)
+        return self.norm(x)                                                # (B, T, C)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """Empty key/value buffers for `max_len` positions, on the model's device and dtype."""
@@ -442,14 +456,20 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int =
     positions set to ignore_index); position t is predicted from logits[b, t - 1]. The joint method
     needs one loss per (document, question) pair, hence no mean over the batch.
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]                        # predict t+1 from t
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=ignore_index,
-                          reduction="none")                                # (B, T-1), 0 where ignored
-    count = (labels != ignore_index).sum(1)                                # (B,)
+    target = labels[:, 1:]                                                 # predict t+1 from t
+    keep = target != ignore_index                                          # (B, T-1)
+    nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")   # (n,)
+    return per_row_mean(nll, keep)
+
+
+def per_row_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """values (n,) at the True positions of keep (B, T), in row-major order -> each row's mean (B,)."""
+    count = keep.sum(1)                                                    # (B,)
     if (count == 0).any():
         raise ValueError(f"sequence_nll: rows {(count == 0).nonzero().flatten().tolist()} have no labelled "
                          "position (was the target truncated away?)")
-    return nll.sum(1) / count
+    rows = keep.nonzero()[:, 0]                                            # (n,) row of each value
+    return torch.zeros(keep.size(0), dtype=values.dtype, device=values.device).index_add(0, rows, values) / count
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

@@ -96,6 +96,19 @@ def test_sequence_nll_matches_hand_computation():
                           torch.tensor([math.log(7)]))
 
 
+def test_sequence_loss_equals_sequence_nll_of_the_logits_with_gradients():
+    model = Llama(LlamaConfig(**SMALL))
+    x = tokens(B=3, T=12)
+    labels = x.clone()
+    labels[0, :7] = labels[1, :2] = labels[2, :11] = -100      # targets of different lengths
+    a = model.sequence_loss(x, labels)
+    ga = torch.autograd.grad(a.sum(), list(model.parameters()))
+    b = sequence_nll(model(x), labels)
+    gb = torch.autograd.grad(b.sum(), list(model.parameters()))
+    assert torch.allclose(a, b, atol=1e-6)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ga, gb))
+
+
 def test_sequence_nll_refuses_rows_without_labels():
     with pytest.raises(ValueError, match=r"rows \[1\] have no labelled position"):
         sequence_nll(torch.randn(2, 3, 5), torch.tensor([[0, 1, 2], [4, -100, -100]]))

@@ -56,19 +56,23 @@ def load(name: str, ckpt: str) -> torch.nn.Module:
     return LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").train()
 
 
-def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor):
+def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor, target_tokens: int = 0):
     """A closure running one training step on tokens (B, T), labels = tokens -> (seconds, loss).
     Each side uses its own training-loss path: ours `Llama.sequence_loss` (the output head only
-    where labels are set; all positions here), transformers' `labels=` loss. Both are the mean
-    NLL of the B*(T-1) next tokens (equal lengths: the mean of sequence means is the token mean)."""
+    where labels are set), transformers' `labels=` loss. Both are the mean NLL of the labelled
+    next tokens (equal lengths: the mean of sequence means is the token mean). With target_tokens,
+    only the last target_tokens positions are labelled, as in JMLR's prompts."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = tokens.clone()
+    if target_tokens:   # JMLR's shape: only the answer after the prompt is labelled
+        labels[:, :-target_tokens] = -100
 
     def step() -> tuple[float, float]:
         t0 = time.perf_counter()
         if name == "ours":
-            loss = model.sequence_loss(tokens, tokens).mean()
+            loss = model.sequence_loss(tokens, labels).mean()
         else:
-            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+            loss = model(input_ids=tokens, labels=labels, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -88,7 +92,7 @@ def run_alone(args):
     # The baseline is taken before loading: both loaders memory-map the safetensors file, so the
     # weights become resident only when first touched, and RSS right after loading undercounts them.
     rss_imports = rss_mib()
-    step = make_step(args.only, load(args.only, args.ckpt), make_tokens(args))
+    step = make_step(args.only, load(args.only, args.ckpt), make_tokens(args), args.target_tokens)
     times = [step()[0] for _ in range(args.warmup + args.steps)][args.warmup:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024            # KiB on Linux -> MiB
     print(json.dumps({"median_s": statistics.median(times), "peak_mib": peak, "above_mib": peak - rss_imports}))
@@ -101,6 +105,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--target-tokens", type=int, default=0,
+                   help="label only the last N tokens of each sequence (JMLR's shape); 0: all")
     p.add_argument("--only", choices=["ours", "hf"], help="internal: one implementation, for peak RSS")
     p.add_argument("--ckpt", help="internal: the weights directory written by the parent run")
     args = p.parse_args()
@@ -118,7 +124,8 @@ def main():
         alone = {}
         for name in ("ours", "hf"):
             cmd = [sys.executable, __file__, "--only", name, "--ckpt", ckpt] + [
-                f"--{k}={getattr(args, k)}" for k in ("threads", "steps", "warmup", "batch", "seq")]
+                f"--{k.replace('_', '-')}={getattr(args, k)}"
+                for k in ("threads", "steps", "warmup", "batch", "seq", "target_tokens")]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"{shlex.join(cmd)} failed:\n{out.stderr}")
@@ -126,7 +133,7 @@ def main():
 
         # 3. speed: both in this process, same tokens, steps interleaved
         tokens = make_tokens(args)
-        steps = {name: make_step(name, load(name, ckpt), tokens) for name in ("ours", "hf")}
+        steps = {name: make_step(name, load(name, ckpt), tokens, args.target_tokens) for name in ("ours", "hf")}
         times = {name: [] for name in steps}
         load_before = Path("/proc/loadavg").read_text().split()[0]
         for i in range(args.warmup + args.steps):

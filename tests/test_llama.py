@@ -361,5 +361,6 @@ def test_real_weights_know_paris_and_english(smollm2_dir):
     x = torch.tensor([tok.encode(PARAGRAPH)])
     with torch.no_grad():
         ppl = sequence_nll(model(x), x).exp().item()
+    print(f"SmolLM2 perplexity {ppl:.1f} on {x.size(1)} tokens")   # README's figure (pytest -s)
     # about 8 is expected; about 48 means the GGUF's Q/K row permutation was not undone
     assert ppl < 15, f"perplexity {ppl:.1f} on an English paragraph"

@@ -321,7 +321,10 @@ def test_pubmedqa_recall_at_10_with_minilm():
     index = Index(CACHE / "pubmedqa-index")
     with torch.no_grad():
         Q, qm = model.encode_queries([r["QUESTION"] for r in pq.values()])
-    _, top = index.search(Q, qm, k=10)
-    recall = sum(pmid in {index.ids[j] for j in row} for pmid, row in zip(pq, top.tolist())) / len(pq)
-    print(f"PubMedQA recall@10 = {recall:.3f}")
+    _, top = index.search(Q, qm, k=100)
+    rank = {pmid: [index.ids[j] for j in row].index(pmid) + 1 if pmid in {index.ids[j] for j in row} else 101
+            for pmid, row in zip(pq, top.tolist())}
+    recalls = {k: sum(r <= k for r in rank.values()) / len(pq) for k in (1, 10, 100)}
+    print("PubMedQA " + ", ".join(f"recall@{k} = {r:.3f}" for k, r in recalls.items()))   # README's figures
+    recall = recalls[10]
     assert recall >= 0.97, f"recall@10 {recall:.3f} below the measured 0.984 (floor 0.97)"

@@ -41,9 +41,11 @@ class JMLRConfig:
     tau: float = 1.0              # sampling temperature: p = softmax(s / tau)
     minmax_scale: bool = False    # the official code's [-1, 1] scaling before the softmax
     tau_rank: float = 1.0         # RankNet temperature: sigmoid((s_a - s_b) / tau_rank)
+    tie_margin: float = 0.0       # pairs whose LLM losses differ by no more than this (nats) count as ties
     top_k: int = 7                # documents in the generation prompt
     rank_weight: float = 1.0      # lambda in L = L_gen + lambda * L_rank
     max_doc_tokens: int = 180     # each document is cut to this many LLM tokens in the prompt
+    confidence_margin: float = 0.5   # curriculum: a question is "confident" when s_top1 - s_top2 > this
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -90,6 +92,50 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> t
     return tokens, labels
 
 
+class OptionHead(nn.Module):
+    """An option-pointing answer head for small LLMs trained from scratch (the built-in demo).
+
+    A next-token letter head must learn two coordinated hops under a one-token loss (find the value
+    in a document, then map it to its letter); a from-scratch model does not learn to read that way
+    in minutes. This head scores option j by comparing the state that predicts the answer letter with
+    the state at option j's first text token:  logit_j = <W_q h_answer, W_k h_option_j> / sqrt(C).
+    `sequence_loss` becomes the cross-entropy over the options of the labelled letter, so JMLR's
+    per-document losses, its generation loss and option scoring use it unchanged. It assumes that the
+    letters appear as tokens of their own only in the option lines ("A. text"), as in the demo."""
+
+    def __init__(self, llm: nn.Module, letter_ids: list[int]):
+        super().__init__()
+        self.llm = llm
+        C = llm.cfg.hidden_size
+        self.query, self.key = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.register_buffer("letter_ids", torch.tensor(letter_ids), persistent=False)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.llm.embed_tokens
+
+    def option_logits(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens, labels (B, T) -> option logits (B, n) (-inf for absent letters), target index (B,)."""
+        B, T = tokens.shape
+        first = (labels != -100).int().argmax(1)                               # (B,) the answer letter
+        pos = torch.arange(T, device=tokens.device)
+        is_letter = (tokens[:, :, None] == self.letter_ids) & (pos[None, :, None] < first[:, None, None])
+        letter_pos = torch.where(is_letter, pos[None, :, None], -1).amax(1)   # (B, n) last occurrence
+        h = self.llm.hidden_states(tokens)                                     # (B, T, C)
+        rows = torch.arange(B, device=tokens.device)
+        h_answer = h[rows, first - 1]                                          # (B, C): predicts the letter
+        h_option = h[rows[:, None], (letter_pos + 2).clamp(0, T - 1)]          # (B, n, C): "A" "." text
+        logits = (self.query(h_answer)[:, None] * self.key(h_option)).sum(-1) / math.sqrt(h.size(-1))
+        logits = logits.float().masked_fill(letter_pos < 0, -math.inf)         # (B, n)
+        target = (tokens[rows, first][:, None] == self.letter_ids).int().argmax(1)   # (B,)
+        return logits, target
+
+    def sequence_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """-> (B,) cross-entropy of the labelled letter over the options (replaces Llama.sequence_loss)."""
+        logits, target = self.option_logits(tokens, labels)
+        return F.cross_entropy(logits, target, reduction="none")
+
+
 # ----------------------------------------------------------------------------------------------
 # The method's steps as small functions
 
@@ -107,17 +153,22 @@ def sample_documents(scores: torch.Tensor, m: int, tau: float, minmax_scale: boo
     return torch.multinomial(probs, m, replacement=False, generator=generator)
 
 
-def rank_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau_rank: float = 1.0) -> torch.Tensor:
+def rank_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau_rank: float = 1.0,
+              tie_margin: float = 0.0) -> torch.Tensor:
     """Step 4, RankNet: scores (B, m) with gradients, llm_losses (B, m) detached -> scalar.
 
     Every unordered pair (a, b) of one question whose LLM losses differ contributes
     BCE(sigmoid((s_a - s_b) / tau_rank), 1[l_a < l_b]): the document that lowers the LLM's loss must
-    score higher. Ties contribute nothing; the mean is over the pairs that exist in the batch."""
+    score higher. Ties contribute nothing; the mean is over the pairs that exist in the batch.
+    tie_margin > 0 (our option, not the paper's) also treats near-ties as ties: two documents that
+    help the LLM equally little differ in loss by noise, and a hard label on noise teaches the
+    retriever to flatten its scores."""
     diff = (scores[:, :, None] - scores[:, None, :]) / tau_rank               # (B, m, m): s_a - s_b
     l = llm_losses.detach()
     target = (l[:, :, None] < l[:, None, :]).float()                         # 1 where a is better
     m = scores.size(1)
-    pairs = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1) & (l[:, :, None] != l[:, None, :])
+    differ = (l[:, :, None] - l[:, None, :]).abs() > tie_margin                 # (B, m, m)
+    pairs = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1) & differ
     if not pairs.any():
         return scores.sum() * 0.0                                            # keeps the graph, no signal
     bce = F.binary_cross_entropy_with_logits(diff, target, reduction="none")  # (B, m, m)
@@ -145,7 +196,7 @@ def emdr2_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau: float = 1.0)
     return -torch.logsumexp(F.log_softmax(scores / tau, dim=1) - llm_losses.detach(), dim=1).mean()
 
 
-RETRIEVER_LOSSES = {"jmlr": lambda s, l, c: rank_loss(s, l, c.tau_rank), "lsr": lambda s, l, c: lsr_loss(s, l, c.tau),
+RETRIEVER_LOSSES = {"jmlr": lambda s, l, c: rank_loss(s, l, c.tau_rank, c.tie_margin), "lsr": lambda s, l, c: lsr_loss(s, l, c.tau),
                     "pdist": lambda s, l, c: pdist_loss(s, l, c.tau), "emdr2": lambda s, l, c: emdr2_loss(s, l, c.tau)}
 
 
@@ -159,6 +210,7 @@ class Example:
     target: str                 # format_target(...)
     candidates: list[str]       # N candidate document texts, in the candidate file's order
     gold: int | None = None     # index in candidates of a known gold document, for metrics only
+    answer: str = ""            # the correct letter, for accuracy
 
 
 class JMLR(nn.Module):
@@ -168,11 +220,13 @@ class JMLR(nn.Module):
     def __init__(self, llm: nn.Module, retriever: nn.Module | None, tokenizer, cfg: JMLRConfig, pad_id: int = 0):
         super().__init__()
         self.llm, self.retriever, self.tok, self.cfg, self.pad_id = llm, retriever, tokenizer, cfg, pad_id
+        self.tokens_seen = 0    # LLM tokens through forward passes, for tokens/s
 
     def llm_losses(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         """Per-row mean NLL of the labelled target: a list of (tokens, labels) -> (len(rows),)."""
         device = self.llm.embed_tokens.weight.device
         tokens, labels = pad_batch(rows, self.pad_id, device)
+        self.tokens_seen += tokens.numel()
         return self.llm.sequence_loss(tokens, labels)
 
     def score_candidates(self, batch: list[Example]) -> torch.Tensor:
@@ -184,20 +238,54 @@ class JMLR(nn.Module):
         D, d_mask = self.retriever.encode_docs([d for ex in batch for d in ex.candidates])   # (B*N, Ld, d)
         return maxsim(Q, q_mask, D.view(B, N, *D.shape[1:]), d_mask.view(B, N, -1))  # (B, N)
 
-    def forward(self, batch: list[Example], generator: torch.Generator | None = None):
+    def top_documents(self, batch: list[Example], scores: torch.Tensor) -> list[list[str]]:
+        """The top-k candidates of each question by score, ordered best LAST (nearest the question)."""
+        top = scores.detach().topk(min(self.cfg.top_k, scores.size(1)), dim=1).indices    # (B, k), best first
+        return [[ex.candidates[i] for i in reversed(t)] for ex, t in zip(batch, top.tolist())]
+
+    @torch.no_grad()
+    def option_losses(self, batch: list[Example], docs: list[list[str]]) -> torch.Tensor:
+        """Answer by option likelihood: the loss of the target ' X. option text' for every option X
+        -> (B, n); the prediction is the argmin. Never fails to parse, unlike generated text."""
+        letters = list(batch[0].options)
+        if any(list(ex.options) != letters for ex in batch):
+            raise ValueError("option_losses needs the same option letters for every question of a batch")
+        rows = [tokenize_example(self.tok, d, ex.question, ex.options, format_target(x, text), self.cfg.max_doc_tokens)
+                for ex, d in zip(batch, docs) for x, text in ex.options.items()]
+        return self.llm_losses(rows).view(len(batch), len(letters))
+
+    @torch.no_grad()
+    def confident(self, batch: list[Example]) -> torch.Tensor:
+        """(B,) bool: the retriever's best candidate beats the second by cfg.confidence_margin. Uses
+        no labels; with a word-matching initial retriever the top document is then usually right."""
+        top2 = self.score_candidates(batch).topk(2, dim=1).values                  # (B, 2)
+        return top2[:, 0] - top2[:, 1] > self.cfg.confidence_margin
+
+    @torch.no_grad()
+    def predict(self, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> option losses (B, n) with the top-k documents of the current retriever (argmin answers),
+        and the candidate scores (B, N) (None without retrieval)."""
+        if self.cfg.objective == "none":
+            return self.option_losses(batch, [[] for _ in batch]), None
+        scores = self.score_candidates(batch)
+        return self.option_losses(batch, self.top_documents(batch, scores)), scores
+
+    def forward(self, batch: list[Example], generator: torch.Generator | None = None, train_retriever: bool = True):
+        """-> (loss, metrics). train_retriever=False skips steps 2-4 (the demo's warm-up curriculum:
+        the LLM first learns to read from questions the initial retriever is confident about)."""
         cfg, metrics = self.cfg, {}
         tokenize = lambda ex, docs: tokenize_example(self.tok, docs, ex.question, ex.options, ex.target,  # noqa: E731
                                                      cfg.max_doc_tokens)
         if cfg.objective == "none":
             loss_gen = self.llm_losses([tokenize(ex, []) for ex in batch]).mean()
             return loss_gen, {"loss_gen": loss_gen.item()}
+        train_retriever = train_retriever and cfg.objective != "rag"
 
         # 1. re-score the candidates (no gradient for a frozen retriever)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.objective != "rag"):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_retriever):
             scores = self.score_candidates(batch)                                   # (B, N)
         # 5. generation loss with the top-k documents, best last (nearest the question)
-        top = scores.detach().topk(min(cfg.top_k, scores.size(1)), dim=1).indices  # (B, k), best first
-        rows = [tokenize(ex, [ex.candidates[i] for i in reversed(t)]) for ex, t in zip(batch, top.tolist())]
+        rows = [tokenize(ex, docs) for ex, docs in zip(batch, self.top_documents(batch, scores))]
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.objective != "retriever_only"):
             loss_gen = self.llm_losses(rows).mean()
         metrics["loss_gen"] = loss_gen.item()
@@ -206,8 +294,9 @@ class JMLR(nn.Module):
             ranks = [int((scores[b] > scores[b, g]).sum()) + 1 for b, g in golds]
             metrics["gold_rank"] = sum(ranks) / len(ranks)
             metrics["recall_at_k"] = sum(r <= cfg.top_k for r in ranks) / len(ranks)
+        top = scores.detach().topk(min(cfg.top_k, scores.size(1)), dim=1).indices
         metrics["doc_rank"] = float(top.float().mean()) + 1    # mean candidate-list rank of the docs used
-        if cfg.objective == "rag":
+        if not train_retriever:
             return loss_gen, metrics
 
         # 2. dynamic sampling, 3. per-document LLM losses as one padded no-grad batch

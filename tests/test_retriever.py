@@ -15,7 +15,7 @@ from transformers import BertModel
 import retriever
 from conftest import CACHE
 from retriever import (ColBERT, ColBERTConfig, Index, build_index, default_model_dir, in_batch_loss, maxsim,
-                       maxsim_reference, read_corpus, write_candidates)
+                       maxsim_reference, pubmedqa_corpus, read_corpus, read_qa, write_candidates)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = ("the of and a in to is was for with patients disease treatment drug heart lung kidney liver "
@@ -259,8 +259,9 @@ def test_index_refuses_another_encoder_or_settings(tiny_index, tmp_path):
 def test_candidates_file_lists_the_top_n_in_order(tiny_index, tmp_path):
     model, _, index_dir = tiny_index
     qa = tmp_path / "qa.jsonl"
-    qa.write_text("\n".join(json.dumps({"id": f"q{i}", "question": q, "options": {}}) for i, q in
-                            enumerate(["aspirin for pain ?", "insulin in diabetes", "scurvy vitamin"])) + "\n")
+    questions = ["aspirin for pain ?", "insulin in diabetes", "scurvy vitamin"]
+    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "options": ["yes", "no"], "answer": "A"}) + "\n"
+                          for i, q in enumerate(questions)))
     write_candidates(model, Index(index_dir), qa, tmp_path / "cands.jsonl", n=5)
     rows = [json.loads(line) for line in (tmp_path / "cands.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"]
@@ -311,20 +312,20 @@ def test_bad_corpus_lines_stop_before_anything_is_written(tiny_index, tmp_path, 
 def test_pubmedqa_recall_at_10_with_minilm():
     """About 100 s on 2 cores the first time; the index is cached in the test cache (build_index
     returns at once when a complete index with the same encoder, settings and corpus exists)."""
-    pq = json.loads((DATA / "pubmedqa" / "ori_pqal.json").read_text())
+    questions = read_qa(DATA / "pubmedqa" / "ori_pqal.json")          # gold_doc: the question's own pmid
     CACHE.mkdir(parents=True, exist_ok=True)
     corpus = CACHE / "pubmedqa-abstracts.jsonl"
-    corpus.write_text("\n".join(json.dumps({"id": pmid, "contents": " ".join(r["CONTEXTS"])})
-                                for pmid, r in pq.items()) + "\n")
+    corpus.write_text("\n".join(json.dumps({"id": pmid, "contents": text})
+                                for pmid, text in pubmedqa_corpus(DATA / "pubmedqa" / "ori_pqal.json")) + "\n")
     model = ColBERT.from_pretrained(default_model_dir()).eval()   # MiniLM + seeded 384 -> 128 projection
     build_index(model, corpus, CACHE / "pubmedqa-index", shard_size=250, batch_size=32)
     index = Index(CACHE / "pubmedqa-index")
     with torch.no_grad():
-        Q, qm = model.encode_queries([r["QUESTION"] for r in pq.values()])
+        Q, qm = model.encode_queries([r.question for r in questions])
     _, top = index.search(Q, qm, k=100)
     rank = {pmid: [index.ids[j] for j in row].index(pmid) + 1 if pmid in {index.ids[j] for j in row} else 101
-            for pmid, row in zip(pq, top.tolist())}
-    recalls = {k: sum(r <= k for r in rank.values()) / len(pq) for k in (1, 10, 100)}
+            for pmid, row in zip((r.gold_doc for r in questions), top.tolist())}
+    recalls = {k: sum(r <= k for r in rank.values()) / len(questions) for k in (1, 10, 100)}
     print("PubMedQA " + ", ".join(f"recall@{k} = {r:.3f}" for k, r in recalls.items()))   # README's figures
     recall = recalls[10]
     assert recall >= 0.97, f"recall@10 {recall:.3f} below the measured 0.984 (floor 0.97)"

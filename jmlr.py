@@ -196,7 +196,8 @@ def emdr2_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau: float = 1.0)
     return -torch.logsumexp(F.log_softmax(scores / tau, dim=1) - llm_losses.detach(), dim=1).mean()
 
 
-RETRIEVER_LOSSES = {"jmlr": lambda s, l, c: rank_loss(s, l, c.tau_rank, c.tie_margin), "lsr": lambda s, l, c: lsr_loss(s, l, c.tau),
+RETRIEVER_LOSSES = {"jmlr": lambda s, l, c: rank_loss(s, l, c.tau_rank, c.tie_margin),
+                    "lsr": lambda s, l, c: lsr_loss(s, l, c.tau),
                     "pdist": lambda s, l, c: pdist_loss(s, l, c.tau), "emdr2": lambda s, l, c: emdr2_loss(s, l, c.tau)}
 
 
@@ -306,9 +307,11 @@ class JMLR(nn.Module):
             losses = self.llm_losses(rows).view(picked.shape)                         # (B, m)
         sampled = scores.gather(1, picked)                                            # (B, m), with gradients
         # 4. the retriever loss, 6. the joint loss
-        loss_ret = RETRIEVER_LOSSES["jmlr" if cfg.objective == "retriever_only" else cfg.objective](sampled, losses, cfg)
+        objective = "jmlr" if cfg.objective == "retriever_only" else cfg.objective
+        loss_ret = RETRIEVER_LOSSES[objective](sampled, losses, cfg)
         loss = (0.0 if cfg.objective == "retriever_only" else loss_gen) + cfg.rank_weight * loss_ret
-        agree = torch.sign(sampled[:, :, None] - sampled[:, None, :]) == torch.sign(losses[:, None, :] - losses[:, :, None])
+        agree = (torch.sign(sampled[:, :, None] - sampled[:, None, :])                   # (B, m, m)
+                 == torch.sign(losses[:, None, :] - losses[:, :, None]))
         differ = losses[:, :, None] != losses[:, None, :]
         metrics.update(loss_rank=loss_ret.item(), loss_spread=float((losses.amax(1) - losses.amin(1)).mean()),
                        rank_agreement=float(agree[differ].float().mean()) if differ.any() else math.nan)

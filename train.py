@@ -106,7 +106,8 @@ SMOLLM2_PUBMEDQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", comp
                         num_candidates=8, steps=80, batch_size=4, micro_batch_size=4, lr_llm=2e-5, lr_retriever=1e-5,
                         warmup_steps=10, log_every=10, eval_batch_size=8, out_dir="runs/smollm2-pubmedqa",
                         jmlr=dict(num_sampled=4, top_k=2, max_doc_tokens=96))
-PRESETS = {"demo": DEMO, "smollm2-pubmedqa": SMOLLM2_PUBMEDQA, "llama2-7b": LLAMA2, "llama2-13b": {**LLAMA2, "fsdp": True, "micro_batch_size": 2}}
+PRESETS = {"demo": DEMO, "smollm2-pubmedqa": SMOLLM2_PUBMEDQA, "llama2-7b": LLAMA2,
+           "llama2-13b": {**LLAMA2, "fsdp": True, "micro_batch_size": 2}}
 
 
 def apply_overrides(cfg, overrides: dict, where: str = ""):
@@ -242,8 +243,8 @@ def make_demo(out: Path, seed: int, n_diseases: int = 2000, n_val: int = 20, n_t
         write_jsonl(paths[f"{name}_file"], questions[name])
     write_jsonl(paths["candidates"], candidates)
     words = sorted({w for r in docs + [q for qs in questions.values() for q in qs]
-                    for w in (r.get("content") or r["question"]).split()} | set("ABCD.:") | {"Document", "Question", "Answer"}
-                   | {v for vs in values.values() for v in vs})
+                    for w in (r.get("content") or r["question"]).split()}
+                   | set("ABCD.:") | {"Document", "Question", "Answer"} | {v for vs in values.values() for v in vs})
     make_demo_models(paths["llm"], paths["retriever"], words, seed)
     atomic_write(stamp, lambda p: Path(p).write_text(json.dumps({"seed": seed, "n_diseases": n_diseases})))
     return {k: str(v) for k, v in paths.items()}
@@ -640,14 +641,16 @@ def batch_indices(position: int, batch_size: int, n: int, seed: int) -> list[int
 def confident_questions(model: JMLR, examples: list[Example], cfg: TrainConfig) -> list[int]:
     """The warm-up curriculum's questions: those the initial retriever is confident about (top-1
     score beats top-2 by jmlr.confidence_margin). No labels are used."""
-    keep = [model.confident(examples[a:a + cfg.eval_batch_size]) for a in range(0, len(examples), cfg.eval_batch_size)]
+    bs = cfg.eval_batch_size
+    keep = [model.confident(examples[a:a + bs]) for a in range(0, len(examples), bs)]
     return torch.cat(keep).nonzero()[:, 0].tolist()
 
 
 def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], list[Example]]:
     """Fill in the demo's paths when no data is given, check everything, read every file."""
     if not cfg.train_file:
-        demo = make_demo(Path(cfg.out_dir).parent / f"demo-data-seed{cfg.seed}", cfg.seed, cfg.demo_diseases) if rank == 0 else None
+        demo_dir = Path(cfg.out_dir).parent / f"demo-data-seed{cfg.seed}"
+        demo = make_demo(demo_dir, cfg.seed, cfg.demo_diseases) if rank == 0 else None
         if dist.is_initialized():
             box = [demo]
             dist.broadcast_object_list(box)
@@ -686,7 +689,8 @@ def train(cfg: TrainConfig) -> dict:
     warmup_steps = int(cfg.curriculum * cfg.steps) if cfg.jmlr.objective != "none" else 0
     pool = confident_questions(model, train_set, cfg) if warmup_steps else []
     if warmup_steps and rank == 0:
-        print(f"curriculum: {warmup_steps:,} steps on the {len(pool):,} questions the initial retriever is confident about")
+        print(f"curriculum: {warmup_steps:,} steps on the {len(pool):,} questions the initial retriever is "
+              "confident about")
     if warmup_steps and not pool:
         raise ValueError("no confident questions for the curriculum: lower jmlr.confidence_margin or set curriculum=0")
     wrapped = wrap(model, cfg, device, world)
@@ -729,7 +733,8 @@ def train(cfg: TrainConfig) -> dict:
             tokens = model.tokens_seen * world
             rate = (tokens - tokens_last) / (now - t_last)
             eta = (now - t0) / (step - start_step) * (cfg.steps - step)
-            line = {"step": step, **{k: round(v, 4) for k, v in m.items()}, "lr_llm": cfg.lr_llm * lr_factor(step - 1, cfg),
+            line = {"step": step, **{k: round(v, 4) for k, v in m.items()},
+                    "lr_llm": cfg.lr_llm * lr_factor(step - 1, cfg),
                     "lr_retriever": cfg.lr_retriever * lr_factor(step - 1, cfg), "tokens_per_s": round(rate),
                     "mem_gb": round(memory_gb(device), 2), "grad_norm": round(norm.item(), 3)}
             t_last, tokens_last = now, tokens
@@ -772,6 +777,8 @@ def main(argv: list[str]):
         train(cfg)
         return
     results = {}
+    if cfg.train_file and not cfg.candidates:   # every row starts from the same retriever: one candidate file
+        cfg.candidates = str(Path(cfg.out_dir) / "candidates.jsonl")
     for objective in cfg.compare:          # the same data, seeds and steps for every row
         run = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / objective), compare=(),
                                   jmlr=dataclasses.replace(cfg.jmlr, objective=objective))

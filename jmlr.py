@@ -20,6 +20,11 @@ How this differs from the official code (believewhat/JMLR-Joint-Medical-LLM-and-
   - the rank loss is averaged over the pairs that exist (the official normalizer is off by one);
   - one prompt template, shared with eval.py (the official training and inference prompts differ);
   - top-k = 7 documents in the prompt (the official code uses 5; the paper reports 7 as best).
+
+Additions of ours, off by default, that small models trained from scratch need (train.py's demo;
+README, "The built-in demo"): `OptionHead`, an option-pointing answer head; `forward(...,
+train_retriever=False)` for a warm-up curriculum in which the LLM first learns to read; and
+`tie_margin`, which treats pairs whose LLM losses differ by less than a margin as ties.
 """
 
 import math
@@ -221,13 +226,16 @@ class JMLR(nn.Module):
     def __init__(self, llm: nn.Module, retriever: nn.Module | None, tokenizer, cfg: JMLRConfig, pad_id: int = 0):
         super().__init__()
         self.llm, self.retriever, self.tok, self.cfg, self.pad_id = llm, retriever, tokenizer, cfg, pad_id
-        self.tokens_seen = 0    # LLM tokens through forward passes, for tokens/s
+        self.tokens_seen = 0      # LLM tokens through forward passes, for tokens/s and MFU
+        self.tokens_trained = 0   # of which with gradients (a backward pass follows)
 
     def llm_losses(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         """Per-row mean NLL of the labelled target: a list of (tokens, labels) -> (len(rows),)."""
         device = self.llm.embed_tokens.weight.device
         tokens, labels = pad_batch(rows, self.pad_id, device)
-        self.tokens_seen += tokens.numel()
+        if self.training:   # evaluation passes are not training throughput
+            self.tokens_seen += tokens.numel()
+            self.tokens_trained += tokens.numel() if torch.is_grad_enabled() else 0
         return self.llm.sequence_loss(tokens, labels)
 
     def score_candidates(self, batch: list[Example]) -> torch.Tensor:

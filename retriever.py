@@ -41,12 +41,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
 
-from llama import (
-    atomic_write,
-    check_keys_and_shapes,
-    checkpoint_files,
-    open_safetensors,
-)
+from llama import atomic_write, check_keys_and_shapes, checkpoint_files, open_safetensors
 
 
 @dataclass

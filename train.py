@@ -95,7 +95,7 @@ DEMO = dict(compare=("none", "rag", "jmlr"), option_head=True, freeze_embeddings
             lr_llm=3e-3, lr_retriever=3e-3, curriculum=0.4, log_every=250,
             jmlr=dict(num_sampled=8, top_k=2, tau=1.0, confidence_margin=0.5, tie_margin=0.5, max_doc_tokens=32))
 # The paper's settings where it states them (Llama-2 + ColBERTv2 + LoRA), otherwise ours.
-LLAMA2 = dict(retriever="colbert-ir/colbertv2.0", num_candidates=30, option_head=False, use_lora=True,
+LLAMA2 = dict(num_candidates=30, option_head=False, use_lora=True,
               lora=dict(rank=8, alpha=16.0, dropout=0.05, train_embeddings=True, train_norms=True),
               steps=3000, batch_size=64, micro_batch_size=4, lr_llm=2e-4, lr_retriever=1e-5,
               warmup_steps=100, activation_checkpointing=True, s2attn=True, log_every=10,
@@ -672,6 +672,8 @@ def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], 
 
 def train(cfg: TrainConfig) -> dict:
     """Train cfg.jmlr.objective; -> the final validation/test results."""
+    if cfg.autocast not in ("auto", "off"):
+        raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0) or 'off'")
     rank, world, device = setup_distributed()
     train_set, val_set, test_set = prepare(cfg, rank)
     if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -702,7 +704,8 @@ def train(cfg: TrainConfig) -> dict:
         torch.manual_seed(cfg.seed * 1000 + rank)       # per-rank randomness (dropout); restored on resume
     params = [p for p in model.parameters() if p.requires_grad]
     log = open(out / "log.jsonl", "a") if rank == 0 else None
-    t0, t_last, tokens_last, start_step = time.time(), time.time(), 0, step
+    t0, t_last, tokens_last, trained_last, start_step = time.time(), time.time(), 0, 0, step
+    n_llm = sum(p.numel() for p in model.llm.parameters())
     history = []
     while step < cfg.steps:
         for group in optimizer.param_groups:
@@ -732,16 +735,22 @@ def train(cfg: TrainConfig) -> dict:
             now = time.time()
             tokens = model.tokens_seen * world
             rate = (tokens - tokens_last) / (now - t_last)
+            flops = 2 * n_llm * (tokens - tokens_last) + 4 * n_llm * (model.tokens_trained * world - trained_last)
+            utilization = mfu(flops / (now - t_last), device)
+            trained_last = model.tokens_trained * world
             eta = (now - t0) / (step - start_step) * (cfg.steps - step)
             line = {"step": step, **{k: round(v, 4) for k, v in m.items()},
                     "lr_llm": cfg.lr_llm * lr_factor(step - 1, cfg),
                     "lr_retriever": cfg.lr_retriever * lr_factor(step - 1, cfg), "tokens_per_s": round(rate),
-                    "mem_gb": round(memory_gb(device), 2), "grad_norm": round(norm.item(), 3)}
+                    "mem_gb": round(memory_gb(device), 2), "grad_norm": round(norm.item(), 3),
+                    **({"mfu": round(utilization, 4)} if utilization is not None else {})}
             t_last, tokens_last = now, tokens
             if rank == 0:
                 parts = " ".join(f"{k} {m[k]:.3f}" for k in METRICS if k in m)
                 print(f"[{cfg.jmlr.objective}] step {step:,}/{cfg.steps:,} {parts} lr {line['lr_llm']:.2e}/"
-                      f"{line['lr_retriever']:.2e} {rate:,.0f} tok/s {line['mem_gb']} GB ETA {eta:.0f}s", flush=True)
+                      f"{line['lr_retriever']:.2e} {rate:,.0f} tok/s"
+                      + (f" MFU {utilization:.1%}" if utilization is not None else "")
+                      + f" {line['mem_gb']} GB ETA {eta:.0f}s", flush=True)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
         if cfg.eval_every and step % cfg.eval_every == 0 and val_set and step < cfg.steps:
@@ -755,6 +764,17 @@ def train(cfg: TrainConfig) -> dict:
         if results[split]:
             report(results[split], split, step, cfg, rank, log)
     return results
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}   # dense
+
+
+def mfu(flops_per_s: float, device: torch.device) -> float | None:
+    """Model FLOPs utilization of the LLM, on known CUDA GPUs: 2 N FLOPs per token forward, 4 N
+    more per trained token backward (N = LLM parameters; attention's share is left out)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return flops_per_s / peak if peak else None
 
 
 def memory_gb(device: torch.device) -> float:

@@ -20,6 +20,7 @@ of JMLR, frozen-retriever RAG and no retrieval on held-out diseases.
 """
 
 import ast
+import contextlib
 import dataclasses
 import json
 import math
@@ -152,6 +153,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     cfg = TrainConfig()
     apply_overrides(cfg, PRESETS[preset])
     apply_overrides(cfg, {k: v for k, v in pairs if k != "preset"})
+    if preset != "demo" and not cfg.train_file:   # only the demo invents its own data
+        raise ValueError(f"preset {preset!r} trains on your data: give --train_file, --corpus, --llm and --retriever")
     return cfg
 
 
@@ -718,7 +721,7 @@ def train(cfg: TrainConfig) -> dict:
             batch = [train_set[i] for i in idx[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]]
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)   # rank-independent
             sync = a == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
-            with (wrapped.no_sync() if not sync else torch.enable_grad()), autocast(cfg, device):
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(cfg, device):
                 loss, metrics = wrapped(batch, generator=gen, train_retriever=not warming_up)
                 (loss / accum).backward()
             history.append({**metrics, "loss": loss.item()})
@@ -763,6 +766,8 @@ def train(cfg: TrainConfig) -> dict:
     for split in ("validation", "test"):
         if results[split]:
             report(results[split], split, step, cfg, rank, log)
+    if log:
+        log.close()
     return results
 
 

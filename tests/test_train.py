@@ -52,7 +52,11 @@ def test_overrides_are_typed_and_unknown_keys_refused():
         train.parse_args(["--jmlr.taux=1"])
     with pytest.raises(ValueError, match="objective='foo'"):
         train.parse_args(["--jmlr.objective=foo"])
-    assert train.parse_args(["--preset=llama2-13b"]).fsdp and train.parse_args(["--preset=llama2-7b"]).use_lora
+    data = ["--train_file=qa.jsonl"]
+    assert train.parse_args(["--preset=llama2-13b"] + data).fsdp
+    assert train.parse_args(["--preset=llama2-7b"] + data).use_lora
+    with pytest.raises(ValueError, match="give --train_file"):
+        train.parse_args(["--preset=llama2-7b"])
 
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
@@ -182,10 +186,19 @@ def test_resume_is_bitwise_and_survives_sigkill(tmp_path):
 def test_short_demo_raises_recall_above_the_frozen_retriever(tmp_path):
     """The built-in demo, shortened: 400 curriculum steps teach the LLM to read, then 150 JMLR steps
     must lift the retriever's recall@1 on held-out diseases well above the frozen retriever's."""
-    run_train(["--compare=('jmlr',)", "--steps=550", "--curriculum=0.73", "--log_every=50", f"--out_dir={tmp_path}/run"])
+    run_train(["--compare=('jmlr',)", "--steps=550", "--curriculum=0.73", "--log_every=50",
+               f"--out_dir={tmp_path}/run"])
     jmlr = json.loads((tmp_path / "run" / "results.json").read_text())["jmlr"]["test"]
     cfg = train.parse_args([f"--out_dir={tmp_path}/run/rag", "--compare=()", "--jmlr.objective=rag"])
     _, _, test = train.prepare(cfg, rank=0)
     frozen = train.evaluate(train.build_model(cfg, torch.device("cpu")), test, cfg, rank=0, world=1)
     print(f"recall@1 on held-out diseases: frozen {frozen['recall@1']:.3f}, after JMLR {jmlr['recall@1']:.3f}")
     assert jmlr["recall@1"] > frozen["recall@1"] + 0.15
+
+
+def test_non_finite_step_is_skipped_with_a_warning(tmp_path):
+    """A learning rate of 1e30 makes the second forward pass overflow: that step and the following
+    ones must be skipped with a warning, never written into the parameters."""
+    proc = run_train(SMALL + ["--steps=3", "--lr_llm=1e30", f"--out_dir={tmp_path}/run"])
+    assert "non-finite gradient norm" in proc.stderr and "step skipped" in proc.stderr
+    assert all(torch.isfinite(t).all() for t in final_params(tmp_path / "run").values())

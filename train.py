@@ -796,11 +796,8 @@ def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log
         log.flush()
 
 
-def main(argv: list[str]):
-    cfg = parse_args(argv)
-    if not cfg.compare:
-        train(cfg)
-        return
+def compare(cfg: TrainConfig):
+    """Train every objective of cfg.compare with otherwise equal settings; print a table."""
     results = {}
     if cfg.train_file and not cfg.candidates:   # every row starts from the same retriever: one candidate file
         cfg.candidates = str(Path(cfg.out_dir) / "candidates.jsonl")
@@ -818,6 +815,17 @@ def main(argv: list[str]):
             cells = [f"{100 * t[key]:.1f}" if key in t else "-" for key in ("accuracy", "recall@1", f"recall@{k}")]
             print(f"| {objective} | " + " | ".join(cells) + " |")
         (Path(cfg.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def main(argv: list[str]):
+    cfg = parse_args(argv)
+    if cfg.compare:
+        compare(cfg)
+    else:
+        train(cfg)
+    if dist.is_initialized():   # an orderly exit: a rank leaving gloo early aborts the others
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

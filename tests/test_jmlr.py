@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from jmlr import (JMLR, Example, JMLRConfig, format_target, rank_loss, sample_documents, tokenize_example)
+from jmlr import (JMLR, Example, JMLRConfig, OptionHead, format_target, rank_loss, sample_documents,
+                  tokenize_example)
 from llama import Llama, LlamaConfig
 from test_retriever import VOCAB, tiny_bert
 from retriever import ColBERT, ColBERTConfig
@@ -115,3 +116,31 @@ def test_labels_cover_the_target_only():
     assert tokens[-len(target):] == target
     nl = tok.encode("\n", bos=False)
     assert tokens[1:9] == tok.encode("Document: doc one\n", bos=False)[:7] + nl   # cut to 8 tokens, newline kept
+
+
+def test_tie_margin_turns_near_ties_into_ties():
+    s = torch.tensor([[2.0, 1.0, 0.5]])
+    l = torch.tensor([[0.3, 0.1, 0.3]])          # pairs (0,1) and (1,2) differ by 0.2 nats
+    assert rank_loss(s, l, tie_margin=0.25).item() == 0.0
+    assert rank_loss(s, l, tie_margin=0.15).item() == pytest.approx(rank_loss(s, l).item())
+
+
+def test_option_head_points_at_the_option_the_answer_state_matches():
+    """Identity maps and a 0-layer Llama (hidden state = normed embedding): the answer position
+    holds the embedding of option C's text token, so C gets the highest logit; E is absent."""
+    llm = Llama(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=0,
+                            num_attention_heads=4, num_key_value_heads=4))
+    with torch.no_grad():
+        llm.embed_tokens.weight.copy_(torch.eye(40, 16) * 4)      # orthogonal token vectors (ids < 16)
+    head = OptionHead(llm, letter_ids=[1, 2, 3, 4, 5])           # A B C D E
+    with torch.no_grad():
+        head.query.weight.copy_(torch.eye(16)), head.key.weight.copy_(torch.eye(16))
+    dot, answer_cue = 6, 12
+    # "A . x7  B . x8  C . x9  D . x10  <x9>  C" : the token before the labelled letter is x9
+    tokens = torch.tensor([[1, dot, 7, 2, dot, 8, 3, dot, 9, 4, dot, 10, answer_cue, 9, 3]])
+    labels = torch.full_like(tokens, -100)
+    labels[0, -1] = 3
+    logits, target = head.option_logits(tokens, labels)
+    assert target.tolist() == [2] and logits[0, 4] == -math.inf
+    assert logits[0, :4].argmax().item() == 2
+    assert head.sequence_loss(tokens, labels).item() < 0.1

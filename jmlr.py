@@ -111,6 +111,8 @@ class OptionHead(nn.Module):
     def __init__(self, llm: nn.Module, letter_ids: list[int]):
         super().__init__()
         self.llm = llm
+        if llm.lm_head.weight is not llm.embed_tokens.weight:   # replaced by this head: never used
+            llm.lm_head.weight.requires_grad_(False)
         C = llm.cfg.hidden_size
         self.query, self.key = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
         self.register_buffer("letter_ids", torch.tensor(letter_ids), persistent=False)
@@ -219,6 +221,13 @@ class Example:
     answer: str = ""            # the correct letter, for accuracy
 
 
+def gold_ranks(scores: torch.Tensor, batch: list[Example]) -> list[int | None]:
+    """1-based rank of each question's known gold document among its candidates, by scores (B, N);
+    None where the gold document is unknown."""
+    return [None if ex.gold is None else int((scores[b] > scores[b, ex.gold]).sum()) + 1
+            for b, ex in enumerate(batch)]
+
+
 class JMLR(nn.Module):
     """Owns the LLM (llama.Llama) and the retriever (retriever.ColBERT); `forward(batch)` computes
     the joint loss of one batch and a metrics dict. One module, so one DDP wrapper covers both."""
@@ -247,10 +256,11 @@ class JMLR(nn.Module):
         D, d_mask = self.retriever.encode_docs([d for ex in batch for d in ex.candidates])   # (B*N, Ld, d)
         return maxsim(Q, q_mask, D.view(B, N, *D.shape[1:]), d_mask.view(B, N, -1))  # (B, N)
 
-    def top_documents(self, batch: list[Example], scores: torch.Tensor) -> list[list[str]]:
-        """The top-k candidates of each question by score, ordered best LAST (nearest the question)."""
+    def top_documents(self, batch: list[Example], scores: torch.Tensor) -> tuple[list[list[str]], torch.Tensor]:
+        """The top-k candidates of each question by score, ordered best LAST (nearest the question),
+        and their indices in the candidate lists (B, k), best first."""
         top = scores.detach().topk(min(self.cfg.top_k, scores.size(1)), dim=1).indices    # (B, k), best first
-        return [[ex.candidates[i] for i in reversed(t)] for ex, t in zip(batch, top.tolist())]
+        return [[ex.candidates[i] for i in reversed(t)] for ex, t in zip(batch, top.tolist())], top
 
     @torch.no_grad()
     def option_losses(self, batch: list[Example], docs: list[list[str]]) -> torch.Tensor:
@@ -277,7 +287,7 @@ class JMLR(nn.Module):
         if self.cfg.objective == "none":
             return self.option_losses(batch, [[] for _ in batch]), None
         scores = self.score_candidates(batch)
-        return self.option_losses(batch, self.top_documents(batch, scores)), scores
+        return self.option_losses(batch, self.top_documents(batch, scores)[0]), scores
 
     def forward(self, batch: list[Example], generator: torch.Generator | None = None, train_retriever: bool = True):
         """-> (loss, metrics). train_retriever=False skips steps 2-4 (the demo's warm-up curriculum:
@@ -294,16 +304,15 @@ class JMLR(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_retriever):
             scores = self.score_candidates(batch)                                   # (B, N)
         # 5. generation loss with the top-k documents, best last (nearest the question)
-        rows = [tokenize(ex, docs) for ex, docs in zip(batch, self.top_documents(batch, scores))]
+        docs, top = self.top_documents(batch, scores)
+        rows = [tokenize(ex, d) for ex, d in zip(batch, docs)]
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.objective != "retriever_only"):
             loss_gen = self.llm_losses(rows).mean()
         metrics["loss_gen"] = loss_gen.item()
-        golds = [(b, ex.gold) for b, ex in enumerate(batch) if ex.gold is not None]
-        if golds:   # rank of the gold document among the candidates, by the current scores
-            ranks = [int((scores[b] > scores[b, g]).sum()) + 1 for b, g in golds]
+        ranks = [r for r in gold_ranks(scores, batch) if r is not None]
+        if ranks:
             metrics["gold_rank"] = sum(ranks) / len(ranks)
             metrics["recall_at_k"] = sum(r <= cfg.top_k for r in ranks) / len(ranks)
-        top = scores.detach().topk(min(cfg.top_k, scores.size(1)), dim=1).indices
         metrics["doc_rank"] = float(top.float().mean()) + 1    # mean candidate-list rank of the docs used
         if not train_retriever:
             return loss_gen, metrics

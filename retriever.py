@@ -312,17 +312,6 @@ def maxsim(Q: torch.Tensor, q_mask: torch.Tensor, D: torch.Tensor, d_mask: torch
     return torch.where(q_mask[:, None, :], best, 0.0).sum(-1)            # (Nq, N)
 
 
-def maxsim_reference(Q, q_mask, D, d_mask) -> torch.Tensor:
-    """The same as `maxsim` for all pairs, with loops: the test oracle."""
-    scores = torch.zeros(Q.size(0), D.size(0), dtype=Q.dtype)
-    for a in range(Q.size(0)):
-        for b in range(D.size(0)):
-            for i in range(Q.size(1)):
-                if q_mask[a, i]:
-                    scores[a, b] += max(Q[a, i] @ D[b, j] for j in range(D.size(1)) if d_mask[b, j])
-    return scores
-
-
 def in_batch_loss(scores: torch.Tensor) -> torch.Tensor:
     """ColBERT's contrastive objective: scores (Nq, Nd), Nd >= Nq, document i is query i's positive,
     every other document (the other positives, then any hard negatives) a negative."""

@@ -22,6 +22,7 @@ of JMLR, frozen-retriever RAG and no retrieval on held-out diseases.
 import ast
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 import retriever as rt
-from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_ranks
 from llama import Llama, LlamaConfig, LoraConfig, Tokenizer, add_lora, atomic_write
 
 
@@ -224,8 +225,8 @@ def make_demo(out: Path, seed: int, n_diseases: int = 2000, n_val: int = 20, n_t
         for i in ids:
             for a, (question, _, _) in ATTRIBUTES.items():
                 for r in range(3 if name == "test" else (1 if name == "val" else 2)):
-                    pool = [v for j, v in enumerate(values[a]) if j != i]
-                    wrong = rng.sample(pool, 3)
+                    others = [j + (j >= i) for j in rng.sample(range(n_diseases - 1), 3)]   # any disease but i
+                    wrong = [values[a][j] for j in others]
                     if a in ("first", "avoid") and rng.random() < 0.5:   # the disease's other drug
                         wrong[0] = values["avoid" if a == "first" else "first"][i]
                     options = wrong + [values[a][i]]
@@ -235,7 +236,7 @@ def make_demo(out: Path, seed: int, n_diseases: int = 2000, n_val: int = 20, n_t
                     answer = "ABCD"[options.index(values[a][i])]
                     questions[name].append({"id": qid, "question": question.format(d=diseases[i]), "options": letters,
                                             "answer": answer, "gold_doc": doc_of[i, a]})
-                    others = rng.sample([j for j in range(n_diseases) if j != i], 12)
+                    others = [j + (j >= i) for j in rng.sample(range(n_diseases - 1), 12)]
                     cands = [doc_of[i, b] for b in ATTRIBUTES] + [doc_of[j, a] for j in others]
                     rng.shuffle(cands)
                     candidates.append({"id": qid, "question": question.format(d=diseases[i]), "doc_ids": cands,
@@ -370,14 +371,12 @@ def build_model(cfg: TrainConfig, device: torch.device) -> JMLR:
         llm = OptionHead(llm, letter_ids).to(device)
     retriever = None
     if cfg.jmlr.objective != "none":
-        retriever = rt.ColBERT.from_pretrained(resolve_retriever(cfg.retriever), device=device)
+        retriever = rt.ColBERT.from_pretrained(cfg.retriever, device=device)
     model = JMLR(llm, retriever, tok, cfg.jmlr, pad_id=0)
     if cfg.freeze_embeddings:
         model.llm.embed_tokens.weight.requires_grad_(False)
         if retriever is not None:
             retriever.word_embeddings.weight.requires_grad_(False)
-    if cfg.option_head:                                 # the head replaces the output layer
-        model.llm.llm.lm_head.weight.requires_grad_(False)
     if cfg.jmlr.objective in ("rag",):
         retriever.requires_grad_(False)
     if cfg.jmlr.objective == "retriever_only":
@@ -599,14 +598,14 @@ def evaluate(model: nn.Module, examples: list[Example], cfg: TrainConfig, rank: 
         batch = [examples[i % len(examples)] for i in idx]
         with autocast(cfg, next(jmlr.parameters()).device):
             losses, scores = jmlr.predict(batch)                       # (B, n options), (B, N) or None
-        for b, (i, ex) in enumerate(zip(idx, batch)):
+        ranks = gold_ranks(scores, batch) if scores is not None else [None] * len(batch)
+        for b, (i, ex, r) in enumerate(zip(idx, batch, ranks)):
             if i >= len(examples):
                 continue
             sums[0] += list(ex.options)[int(losses[b].argmin())] == ex.answer
             sums[1] += 1
-            if scores is not None and ex.gold is not None:
-                rank_of_gold = int((scores[b] > scores[b, ex.gold]).sum()) + 1
-                sums[2:] += torch.tensor([rank_of_gold <= 1, rank_of_gold <= k, 1], dtype=torch.float64)
+            if r is not None:
+                sums[2:] += torch.tensor([r <= 1, r <= k, 1], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(sums)
     jmlr.train(was_training)
@@ -627,15 +626,20 @@ METRICS = ("loss", "loss_gen", "loss_rank", "loss_spread", "rank_agreement", "re
            "doc_rank")
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
 def batch_indices(position: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Indices (in range(n)) of batch number `position` of an endless stream of epochs, epoch e being
     torch.randperm(n) seeded by (seed, e): a resumed run reads exactly what an uninterrupted one does."""
     out, start = [], position * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(start, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = epoch_order(n, seed, epoch)
         take = min(n - offset, batch_size - len(out))
-        out += order[offset:offset + take].tolist()
+        out += order[offset:offset + take]
         start += take
     return out
 

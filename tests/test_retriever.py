@@ -15,7 +15,7 @@ from transformers import BertModel
 import retriever
 from conftest import CACHE
 from retriever import (ColBERT, ColBERTConfig, Index, build_index, default_model_dir, in_batch_loss, maxsim,
-                       maxsim_reference, pubmedqa_corpus, read_corpus, read_qa, write_candidates)
+                       pubmedqa_corpus, read_corpus, read_qa, write_candidates)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = ("the of and a in to is was for with patients disease treatment drug heart lung kidney liver "
@@ -40,6 +40,17 @@ def tiny_bert(tmp_path: Path, bert_prefix: bool = False, seed: int = 0) -> tuple
 def random_text(n_words: int, g: torch.Generator) -> str:
     words = [WORDS[i] for i in torch.randint(0, len(WORDS) - 3, (n_words,), generator=g)]
     return " ".join(words) + " ."
+
+
+def maxsim_reference(Q, q_mask, D, d_mask) -> torch.Tensor:
+    """The same as `maxsim` for all pairs, with loops: the test oracle."""
+    scores = torch.zeros(Q.size(0), D.size(0), dtype=Q.dtype)
+    for a in range(Q.size(0)):
+        for b in range(D.size(0)):
+            for i in range(Q.size(1)):
+                if q_mask[a, i]:
+                    scores[a, b] += max(Q[a, i] @ D[b, j] for j in range(D.size(1)) if d_mask[b, j])
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------

@@ -677,12 +677,13 @@ def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], 
     return load(cfg.train_file), load(cfg.val_file), load(cfg.test_file or cfg.val_file)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train cfg.jmlr.objective; -> the final validation/test results."""
+def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
+    """Train cfg.jmlr.objective on `data` (train, validation, test examples; read from cfg's files
+    when None) -> the final validation/test results."""
     if cfg.autocast not in ("auto", "off"):
         raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0) or 'off'")
     rank, world, device = setup_distributed()
-    train_set, val_set, test_set = prepare(cfg, rank)
+    train_set, val_set, test_set = data or prepare(cfg, rank)
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}"
                          f" x world size {world}")
@@ -802,13 +803,13 @@ def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log
 
 def compare(cfg: TrainConfig):
     """Train every objective of cfg.compare with otherwise equal settings; print a table."""
+    rank, _, _ = setup_distributed()
+    data = prepare(cfg, rank)              # read once: the same data and candidates for every row
     results = {}
-    if cfg.train_file and not cfg.candidates:   # every row starts from the same retriever: one candidate file
-        cfg.candidates = str(Path(cfg.out_dir) / "candidates.jsonl")
-    for objective in cfg.compare:          # the same data, seeds and steps for every row
+    for objective in cfg.compare:          # the same seeds and steps for every row
         run = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / objective), compare=(),
                                   jmlr=dataclasses.replace(cfg.jmlr, objective=objective))
-        results[objective] = train(run)
+        results[objective] = train(run, data)
     if int(os.environ.get("RANK", 0)) == 0:
         k = cfg.jmlr.top_k
         times = "; ".join(f"{o} {r['seconds']:.0f} s" for o, r in results.items())

@@ -189,7 +189,7 @@ def test_short_demo_raises_recall_above_the_frozen_retriever(tmp_path):
     run_train(["--compare=('jmlr',)", "--steps=550", "--curriculum=0.73", "--log_every=50",
                f"--out_dir={tmp_path}/run"])
     jmlr = json.loads((tmp_path / "run" / "results.json").read_text())["jmlr"]["test"]
-    cfg = train.parse_args([f"--out_dir={tmp_path}/run/rag", "--compare=()", "--jmlr.objective=rag"])
+    cfg = train.parse_args([f"--out_dir={tmp_path}/run", "--compare=()", "--jmlr.objective=rag"])
     _, _, test = train.prepare(cfg, rank=0)
     frozen = train.evaluate(train.build_model(cfg, torch.device("cpu")), test, cfg, rank=0, world=1)
     print(f"recall@1 on held-out diseases: frozen {frozen['recall@1']:.3f}, after JMLR {jmlr['recall@1']:.3f}")

@@ -1,0 +1,635 @@
+"""eval.py: medical QA accuracy with and without retrieval, side by side, for any checkpoint.
+
+For every benchmark x LLM checkpoint x retriever x answer mode, one row: accuracy with a Wilson 95%
+interval, per subject where the data has subjects, retrieval recall@k and MRR where the gold
+documents are known (PubMedQA, the built-in demo), and, on request, rationale overlap scores. The
+prompt is jmlr.py's (`format_context`, `tokenize_example`), the one training uses.
+
+Benchmarks (retriever.read_qa): MedQA / Amboss jsonl, MedMCQA jsonl, MMLU CSV (a directory of
+them: the subsets one by one and their mean), PubMedQA json, train.py's generic jsonl.
+
+Answer modes:
+  likelihood  the option X whose target ' X. option text' has the lowest mean NLL after the prompt
+              (jmlr.JMLR.option_losses; here with the prompt run once and its KV cache shared by the
+              options). Never fails to parse.
+  generate    greedy generation after the prompt, then the answer letter is read from the text
+              (`extract_letter`); the share of answers it cannot read is reported as `unparsed`.
+
+Retrievers: `none`; `trained` (the retriever saved in a train.py checkpoint); `minilm`; or any
+BERT/ColBERT directory. Documents come from a full index of --corpus built with that retriever (and
+cached), or, with --candidates, from re-scoring each question's candidate list as training does.
+
+Run:
+    python eval.py ../shared/data/mmlu_medical --llm checkpoints/smollm2-135m
+    python eval.py ../shared/data/pubmedqa/ori_pqal.json --llm checkpoints/smollm2-135m \\
+        --retriever none minilm --corpus ../shared/data/pubmedqa/ori_pqal.json --sweep
+    python eval.py test.jsonl --llm runs/demo/jmlr --retriever none trained --corpus corpus.jsonl --out r.json
+    python eval.py medqa_test.jsonl --contamination corpus.jsonl train.jsonl --llm ...   # leak check
+    python eval.py --ask "Which vitamin deficiency causes scurvy?" --llm ... --retriever minilm --corpus ...
+    torchrun --nproc_per_node=8 eval.py ...            # questions sharded by batch, results gathered
+
+Shape legend: B questions in a batch, N candidates per question, n options, P prompt tokens,
+A answer tokens, C LLM width, V vocabulary.
+"""
+
+import argparse
+import json
+import math
+import re
+import string
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import retriever as rt
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, tokenize_example
+from llama import Llama, Tokenizer, atomic_write
+from train import read_candidates, resolve_retriever, setup_distributed
+
+Z95 = 1.959964   # the standard normal's 97.5% quantile
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks
+
+@dataclass
+class Benchmark:
+    name: str
+    records: list[rt.QARecord]
+
+
+def read_benchmark(path: str, fmt: str | None = None, limit: int | None = None) -> Benchmark:
+    """A QA file, or a directory of them (MMLU's per-subject CSVs: each file is a subject).
+    `limit` keeps the first questions of each file, so every subject stays represented."""
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.suffix in (".csv", ".jsonl", ".json")) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"{p}: a directory without .csv, .jsonl or .json QA files")
+    records = [r for f in files for r in rt.read_qa(f, fmt)[:limit]]
+    return Benchmark(p.stem if p.is_file() else p.name, records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion: unlike p +- z sqrt(p(1-p)/n), it stays in
+    [0, 1] and keeps a width at p = 0 or 1, which small benchmark subsets do reach."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, z2 = correct / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def accuracy_summary(correct: list[bool]) -> dict:
+    n, c = len(correct), sum(correct)
+    return {"n": n, "accuracy": c / n if n else math.nan, "ci95": list(wilson_interval(c, n))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading answers and rationales out of generated text
+
+def extract_letter(text: str, options: dict[str, str]) -> str | None:
+    """The answer letter in generated text, or None when it cannot be read. In order: a letter of
+    the options at the start ('B', 'B.', '(B)', 'B)', 'B: ...'; not 'A 45-year-old'), 'answer is
+    (B)' anywhere, an option's text at the start (PubMedQA's ' yes')."""
+    letters = "".join(options)
+    for pattern in (rf"^\s*\(?([{letters}])(?:[.:)]|\s*$|\s*\n)", rf"[Aa]nswer(?: is)?:?\s*\(?([{letters}])\b"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)
+    start = text.strip().lower()
+    hits = [x for x, opt in options.items() if opt.strip() and start.startswith(opt.strip().lower())]
+    return max(hits, key=lambda x: len(options[x])) if hits else None    # the longest: 'no' vs 'none'
+
+
+def rationale_of(text: str) -> str:
+    """The explanation in generated text: after 'Explanation:' (training's target format, see
+    jmlr.format_target), else whatever follows the answer line."""
+    if "Explanation:" in text:
+        return text.split("Explanation:", 1)[1].strip()
+    return text.split("\n", 1)[1].strip() if "\n" in text else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Rationale overlap: a term-level F1, a stand-in for the paper's UMLS-F
+#
+# The paper scores rationales by the F1 of the UMLS medical concepts they share with the reference
+# explanation (UMLS-F). UMLS is licensed, so here a "term" is a lowercased word (letters, digits,
+# inner hyphens) that is not a stopword: F1 is computed over the multisets of terms as in SQuAD.
+# It rewards naming the same entities and numbers; it does not know synonyms or negation.
+
+STOPWORDS = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been
+being this that these those it its which who whom what when where why how not no nor so than then there
+their they them he she his her we our you your i me my do does did done can could should would may might
+must will shall has have had having into onto over under about above below between also such very more
+most other some any each all both only same too just because while during after before again further
+s t one""".split())
+
+TERM = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+def terms(text: str) -> list[str]:
+    return [w for w in TERM.findall(text.lower()) if w not in STOPWORDS]
+
+
+def term_f1(prediction: str, reference: str) -> float:
+    """F1 of the term multisets: 2 P R / (P + R), P = shared / |prediction|, R = shared / |reference|."""
+    pred, ref = Counter(terms(prediction)), Counter(terms(reference))
+    shared = sum((pred & ref).values())
+    if shared == 0:
+        return 0.0
+    p, r = shared / sum(pred.values()), shared / sum(ref.values())
+    return 2 * p * r / (p + r)
+
+
+def term_support(prediction: str, docs: list[str]) -> float:
+    """The share of the rationale's distinct terms that occur in the documents it was given: how much
+    of what it says the retrieved evidence contains (a precision; recall would punish brevity)."""
+    pred, found = set(terms(prediction)), set(terms(" ".join(docs)))
+    return len(pred & found) / len(pred) if pred else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Contamination: evaluation questions that appear in a corpus or a training file
+#
+# Word n-grams (lowercased, punctuation dropped, stopwords kept) of each question are looked up in
+# every source text; a question is flagged when one source text holds at least `threshold` of its
+# n-grams. A share, not a single shared n-gram: MedQA's closing sentences ("which of the following
+# is the most likely diagnosis") are shared by thousands of honest texts. The questions' n-grams are
+# held in memory and the sources streamed, so a corpus of any size can be checked.
+
+WORD = re.compile(r"[a-z0-9]+")
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """The word n-grams of text; a text shorter than n words is its own single n-gram."""
+    words = WORD.findall(text.lower())
+    return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
+
+
+def source_texts(path: str) -> list[tuple[str, str]]:
+    """(id, text) of every document of a corpus file (id + contents/content, or .tsv), or of every
+    question of a QA file (question, options and rationale: a training file can leak all three)."""
+    p = Path(path)
+    first = next((line for line in p.open(encoding="utf-8", errors="replace") if line.strip()), "")
+    is_corpus = p.suffix == ".tsv" or (p.suffix == ".jsonl" and re.search(r'"(contents?)"\s*:', first))
+    if is_corpus:
+        return [(doc_id, text) for doc_id, text, _ in rt.read_corpus(p)]
+    return [(r.id, " ".join([r.question, *r.options.values(), r.rationale or ""])) for r in rt.read_qa(p)]
+
+
+def contamination(records: list[rt.QARecord], sources: list[str], n: int = 8, threshold: float = 0.5) -> list[dict]:
+    """-> one entry per flagged question: its id, the source file and text id holding the largest
+    share of its n-grams, that share, and the start of the question."""
+    grams = [ngrams(r.question, n) for r in records]
+    owners = defaultdict(list)                                   # n-gram -> questions that contain it
+    for qi, g in enumerate(grams):
+        for gram in g:
+            owners[gram].append(qi)
+    best = {}                                                    # question -> (share, file, text id)
+    for path in sources:
+        for text_id, text in source_texts(path):
+            hits = Counter(qi for gram in ngrams(text, n) & owners.keys() for qi in owners[gram])
+            for qi, h in hits.items():
+                share = h / len(grams[qi])
+                if share >= threshold and share > best.get(qi, (0,))[0]:
+                    best[qi] = (share, path, text_id)
+    return [{"id": records[qi].id, "source": path, "source_id": text_id, "overlap": round(share, 3),
+             "question": records[qi].question[:100]} for qi, (share, path, text_id) in sorted(best.items())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: an LLM checkpoint (any HF Llama directory, or a train.py checkpoint) and a retriever
+
+def resolve_checkpoint(path: str) -> tuple[Path, Path | None, Path | None, dict]:
+    """-> (LLM directory, saved retriever or None, option head file or None, training config or {}).
+    Accepts an HF-format Llama directory, a train.py checkpoint (step_N/ with llm/), or a train.py
+    run directory (its checkpoints/latest)."""
+    p = Path(path)
+    if (p / "checkpoints" / "latest").is_file():
+        p = p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+    if (p / "llm" / "config.json").is_file():
+        state = json.loads((p / "state.json").read_text()) if (p / "state.json").is_file() else {}
+        head = p / "option_head.safetensors"
+        return (p / "llm", p / "retriever" if (p / "retriever").is_dir() else None,
+                head if head.is_file() else None, state.get("config", {}))
+    if (p / "config.json").is_file():
+        return p, None, None, {}
+    raise FileNotFoundError(f"{p}: neither an HF-format Llama directory (config.json + safetensors) nor a "
+                            "train.py checkpoint or run directory (llm/ or checkpoints/latest)")
+
+
+def load_llm(path: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """-> (the LLM, wrapped in its option head when the checkpoint has one; tokenizer; training config)."""
+    llm_dir, _, head_file, train_cfg = resolve_checkpoint(path)
+    llm, tok = Llama.from_pretrained(llm_dir, dtype=dtype, device=device).eval(), Tokenizer(llm_dir)
+    if head_file is not None:     # as train.build_model made it: letters A-E as the tokens they point at
+        llm = OptionHead(llm, [tok.encode(x, bos=False)[0] for x in "ABCDE"]).to(device=device, dtype=dtype)
+        state = load_file(head_file)
+        with torch.no_grad():
+            for name in ("query", "key"):
+                if f"llm.{name}.weight" not in state:
+                    raise ValueError(f"{head_file}: missing tensor 'llm.{name}.weight'")
+                getattr(llm, name).weight.copy_(state[f"llm.{name}.weight"])
+        llm.eval()
+    return llm, tok, train_cfg
+
+
+def load_retriever(spec: str, llm_path: str, device: torch.device) -> rt.ColBERT:
+    """'trained' (the checkpoint's own retriever/), 'minilm', or a BERT/ColBERT directory."""
+    if spec == "trained":
+        saved = resolve_checkpoint(llm_path)[1]
+        if saved is None:
+            raise ValueError(f"--retriever trained: {llm_path} is not a train.py checkpoint with a retriever/; "
+                             "give a retriever directory or 'minilm'")
+        spec = str(saved)
+    return rt.ColBERT.from_pretrained(resolve_retriever(spec), device=device).eval()
+
+
+def corpus_file(path: str, cache: Path) -> Path:
+    """The corpus as retriever.py reads it; a PubMedQA .json becomes one {id, contents} line per abstract."""
+    p = Path(path)
+    if p.suffix != ".json":
+        return p
+    out = cache / f"pubmedqa-corpus-{rt.file_sha256(p)[:12]}.jsonl"
+    if not out.is_file():
+        lines = [json.dumps({"id": pmid, "contents": text}) for pmid, text in rt.pubmedqa_corpus(p)]
+        atomic_write(out, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
+    return out
+
+
+def open_index(model: rt.ColBERT, corpus: Path, cache: Path, rank: int) -> rt.Index:
+    """An index of the corpus built with this retriever, cached by encoder and corpus fingerprint
+    (rank 0 builds it, the others wait)."""
+    index_dir = cache / f"index-{model.fingerprint()[:16]}-{rt.file_sha256(corpus)[:12]}"
+    if rank == 0:
+        rt.build_index(model, corpus, index_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return rt.Index(index_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Answering one question
+
+@torch.no_grad()
+def option_losses(model: JMLR, ex: Example, docs: list[str]) -> torch.Tensor:
+    """(n,) mean NLL of ' X. option text' + EOS after the prompt, for each option X: the same values
+    as jmlr.JMLR.option_losses (tests/test_eval.py checks it), with the prompt run once and its
+    KV cache shared by the n options instead of run n times (an option head scores all at once)."""
+    if not isinstance(model.llm, Llama):
+        return model.option_losses([ex], [docs])[0]
+    llm, n = model.llm, len(ex.options)
+    rows = [tokenize_example(model.tok, docs, ex.question, ex.options, format_target(x, text), model.cfg.max_doc_tokens)
+            for x, text in ex.options.items()]
+    P = rows[0][1].count(-100)                                          # the prompt: unlabelled, equal in every row
+    answers = [tokens[P:] for tokens, _ in rows]
+    A = max(len(a) for a in answers)
+    device = llm.embed_tokens.weight.device
+    cache = llm.new_cache(1, P + A)
+    h_prompt = llm.hidden_states(torch.tensor([rows[0][0][:P]], device=device), cache, 0)[:, -1:]   # (1, 1, C)
+    cache = [(k.expand(n, -1, -1, -1).clone(), v.expand(n, -1, -1, -1).clone()) for k, v in cache]
+    tokens = torch.tensor([a + [model.pad_id] * (A - len(a)) for a in answers], device=device)    # (n, A)
+    h = llm.hidden_states(tokens[:, :-1], cache, P) if A > 1 else tokens.new_zeros(n, 0, h_prompt.size(-1))
+    h = torch.cat([h_prompt.expand(n, 1, -1), h], dim=1)               # (n, A, C): position j predicts token j
+    nll = F.cross_entropy(llm.lm_head(h).float().flatten(0, 1), tokens.flatten(), reduction="none").view(n, A)
+    keep = torch.arange(A, device=device)[None] < torch.tensor([len(a) for a in answers], device=device)[:, None]
+    return (nll * keep).sum(1) / keep.sum(1)
+
+
+def prompt_tokens(model: JMLR, ex: Example, docs: list[str]) -> list[int]:
+    """The prompt alone: what tokenize_example leaves unlabelled."""
+    tokens, labels = tokenize_example(model.tok, docs, ex.question, ex.options, "", model.cfg.max_doc_tokens)
+    return tokens[:labels.count(-100)]
+
+
+@torch.no_grad()
+def generate_answer(model: JMLR, ex: Example, docs: list[str], max_new_tokens: int, stop_at_newline: bool) -> str:
+    """Greedy continuation of the prompt, as text."""
+    if isinstance(model.llm, OptionHead):
+        raise ValueError("this checkpoint answers with an option head (train.py option_head=True): its LM head "
+                         "was never trained to write; use --mode likelihood")
+    stops = model.tok.eos_ids
+    newline = model.tok.encode("\n", bos=False)
+    if stop_at_newline and len(newline) == 1:
+        stops = stops + tuple(newline)
+    prompt = torch.tensor([prompt_tokens(model, ex, docs)], device=model.llm.embed_tokens.weight.device)
+    new = model.llm.generate(prompt, max_new_tokens, stop_ids=stops)[0].tolist()
+    ends = [i for i, t in enumerate(new) if t in stops]
+    return model.tok.decode(new[:ends[0]] if ends else new)          # without the stop token
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating one system (LLM, retriever, mode) on one benchmark
+
+@dataclass
+class Settings:
+    mode: str = "likelihood"        # likelihood | generate
+    ks: tuple[int, ...] = (7,)      # documents in the prompt; several for the sweep
+    depth: int = 100                # documents retrieved per question (recall and MRR are @ this depth)
+    batch_size: int = 8
+    rationale: bool = False
+    max_new_tokens: int = 0         # 0: 16 for an answer, 192 with a rationale
+
+
+def retrieve(model: JMLR, records: list[rt.QARecord], index: rt.Index | None, candidates: dict | None,
+             corpus: dict | None, depth: int) -> tuple[list[Example], torch.Tensor | None]:
+    """Examples with their retrieved documents (best first) and their scores (B, depth); no retrieval:
+    (examples without documents, None). From the index with this retriever, or by re-scoring the
+    candidate lists with it, as train.py does (jmlr.JMLR.score_candidates)."""
+    examples = [Example(r.question, r.options, "", [], None, r.answer) for r in records]
+    if model.retriever is None:
+        return examples, None
+    if candidates is not None:
+        for r, ex in zip(records, examples):
+            if r.id not in candidates:
+                raise ValueError(f"question {r.id!r} has no candidate list; build them for this benchmark")
+            ex.candidates = [corpus[d] for d in candidates[r.id][:depth]]
+        scores = model.score_candidates(examples)                                # (B, N)
+        scores, order = scores.sort(dim=1, descending=True)
+        for ex, o, r in zip(examples, order.tolist(), records):
+            ids = [candidates[r.id][i] for i in o]
+            ex.candidates, ex.gold = [ex.candidates[i] for i in o], ids.index(r.gold_doc) if r.gold_doc in ids else None
+        return examples, scores
+    Q, q_mask = model.retriever.encode_queries([r.question for r in records])
+    scores, docs = index.search(Q, q_mask, depth)                                  # (B, depth) each
+    for ex, r, dd in zip(examples, records, docs.tolist()):
+        ids = [index.ids[d] for d in dd]
+        ex.candidates, ex.gold = [index.text(d) for d in dd], ids.index(r.gold_doc) if r.gold_doc in ids else None
+    return examples, scores
+
+
+def answer_batch(model: JMLR, records: list[rt.QARecord], examples: list[Example], settings: Settings) -> list[dict]:
+    """One result per question: for every k, whether it was right (and what generation wrote)."""
+    out = []
+    for r, ex in zip(records, examples):
+        res = {"id": r.id, "subject": r.subject, "gold": r.gold_doc is not None, "retrieved": bool(ex.candidates),
+               "rank": None if ex.gold is None else ex.gold + 1}
+        for k in settings.ks if ex.candidates else (0,):
+            docs = ex.candidates[:k][::-1]                                       # best last, nearest the question
+            if settings.mode == "likelihood":
+                pred = list(ex.options)[int(option_losses(model, ex, docs).argmin())]
+                res[k] = {"correct": pred == ex.answer}
+            else:
+                budget = settings.max_new_tokens or (192 if settings.rationale else 16)
+                text = generate_answer(model, ex, docs, budget, stop_at_newline=not settings.rationale)
+                pred = extract_letter(text, ex.options)
+                res[k] = {"correct": pred == ex.answer, "parsed": pred is not None, "text": text}
+                if settings.rationale:
+                    why = rationale_of(text)
+                    res[k]["support"] = term_support(why, docs) if docs else None
+                    res[k]["f1"] = term_f1(why, r.rationale) if r.rationale else None
+        out.append(res)
+    return out
+
+
+def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index | None = None,
+             candidates: dict | None = None, corpus: dict | None = None) -> list[dict]:
+    """Per-question results in benchmark order. Under torchrun, rank r takes batches r, r + W, ...
+    of one fixed split into batches, so every question meets the same computation as in a single
+    process; the results are gathered to every rank."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    recs, bs = bench.records, settings.batch_size
+    mine = []
+    for a in range(rank * bs, len(recs), world * bs):
+        batch = recs[a:a + bs]
+        with torch.no_grad():
+            examples, _ = retrieve(model, batch, index, candidates, corpus, settings.depth)
+        mine += [(a + i, res) for i, res in enumerate(answer_batch(model, batch, examples, settings))]
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = [x for part in gathered for x in part]
+    return [res for _, res in sorted(mine, key=lambda x: x[0])]
+
+
+def summarize(results: list[dict], k: int, mode: str) -> dict:
+    """Accuracy (Wilson 95% interval), by subject with their mean, unparsed share, rationale scores
+    and retrieval metrics for the results at k documents."""
+    at_k = [res.get(k, res.get(0)) for res in results]
+    out = accuracy_summary([a["correct"] for a in at_k])
+    subjects = defaultdict(list)
+    for res, a in zip(results, at_k):
+        if res["subject"]:
+            subjects[res["subject"]].append(a["correct"])
+    if subjects:
+        out["by_subject"] = {s: accuracy_summary(c) for s, c in sorted(subjects.items())}
+        out["subject_mean"] = sum(v["accuracy"] for v in out["by_subject"].values()) / len(subjects)
+    if mode == "generate":
+        out["unparsed"] = sum(not a["parsed"] for a in at_k) / len(at_k)
+    for key in ("f1", "support"):
+        values = [a[key] for a in at_k if a.get(key) is not None]
+        if values:
+            out[f"rationale_{key}"] = sum(values) / len(values)
+    gold = [res["rank"] for res in results if res["gold"] and res["retrieved"]]
+    if gold and k > 0:                      # questions with a known gold document; rank None: not retrieved
+        out.update({"recall@1": sum(r == 1 for r in gold if r) / len(gold),
+                    f"recall@{k}": sum(r <= k for r in gold if r) / len(gold),
+                    "mrr": sum(1 / r for r in gold if r) / len(gold)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+def pct(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def results_table(rows: list[dict]) -> str:
+    """One line per record, in the order evaluated: systems side by side for each benchmark."""
+    lines = [("| benchmark | checkpoint | retriever | mode | k | n | accuracy % (95% CI) | subject mean | unparsed % "
+              "| recall@1 | recall@k | MRR | rationale F1 | support |"), "|" + "---|" * 14]
+    for r in rows:
+        acc = f"{pct(r['accuracy'])} ({pct(r['ci95'][0])}-{pct(r['ci95'][1])})"
+        cells = [r["benchmark"], r["checkpoint"], r["retriever"], r["mode"], r["k"], f"{r['n']:,}", acc,
+                 pct(r.get("subject_mean")), pct(r.get("unparsed")), pct(r.get("recall@1")),
+                 pct(r.get(f"recall@{r['k']}")), pct(r.get("mrr")), pct(r.get("rationale_f1")),
+                 pct(r.get("rationale_support"))]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def system(r: dict) -> str:
+    return f"{Path(r['checkpoint']).name} / {Path(r['retriever']).name} / {r['mode']}" + (f" / k={r['k']}" if r["k"] else "")
+
+
+def subject_table(rows: list[dict]) -> str:
+    """Per benchmark with subjects: subjects down, systems across (accuracy %, n per subject)."""
+    out = []
+    for bench in dict.fromkeys(r["benchmark"] for r in rows if "by_subject" in r):
+        mine = [r for r in rows if r["benchmark"] == bench and "by_subject" in r and not r.get("swept")]
+        subjects = list(mine[0]["by_subject"])
+        if len(subjects) > 30:
+            continue                                     # too many to print; the JSON file has them
+        out += [f"\n{bench}, by subject (accuracy %)", "| subject | n | " + " | ".join(system(r) for r in mine) + " |",
+                "|" + "---|" * (len(mine) + 2)]
+        for s in subjects:
+            n = mine[0]["by_subject"][s]["n"]
+            out.append(f"| {s} | {n:,} | " + " | ".join(pct(r["by_subject"][s]["accuracy"]) for r in mine) + " |")
+        out.append("| mean of subjects | | " + " | ".join(pct(r["subject_mean"]) for r in mine) + " |")
+    return "\n".join(out)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Accuracy against k, one column per swept system, with a bar for the first."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["benchmark"], r["checkpoint"], r["retriever"], r["mode"])].append(r)
+    swept = {key: g for key, g in groups.items() if len(g) > 1}
+    out = []
+    for bench in dict.fromkeys(key[0] for key in swept):
+        cols = [g for key, g in swept.items() if key[0] == bench]
+        names = [system({**g[0], "k": 0}) for g in cols]
+        out += [f"\n{bench}: accuracy % against k, the number of documents in the prompt",
+                "| k | " + " | ".join(names) + " | |", "|" + "---|" * (len(cols) + 2)]
+        for i, r in enumerate(cols[0]):
+            bar = "#" * round(40 * r["accuracy"])
+            out.append(f"| {r['k']} | " + " | ".join(pct(g[i]["accuracy"]) for g in cols) + f" | `{bar}` |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Medical QA accuracy, with and without retrieval, side by side.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("benchmarks", nargs="*", help="QA files, or directories of them (MMLU's per-subject CSVs)")
+    p.add_argument("--format", choices=rt.QA_FORMATS, default=None, help="QA format of every file (default: detected)")
+    p.add_argument("--llm", nargs="+", required=True,
+                   help="one or more HF-format Llama directories, train.py checkpoints (step_N/) or run directories")
+    p.add_argument("--retriever", nargs="+", default=["none"],
+                   help="none, trained (the checkpoint's own), minilm, or a BERT/ColBERT directory; several side by side")
+    p.add_argument("--corpus", default=None, help="documents: jsonl {id, contents|content}, .tsv, or a PubMedQA .json")
+    p.add_argument("--candidates", default=None,
+                   help="re-score these candidate lists (retriever.py candidates) instead of searching the whole corpus")
+    p.add_argument("--mode", nargs="+", choices=("likelihood", "generate"), default=["likelihood"])
+    p.add_argument("--k", type=int, default=None, help="documents in the prompt (default: the checkpoint's top_k, else 7)")
+    p.add_argument("--sweep", action="store_true", help="every k from 0 to 10, printed as a curve")
+    p.add_argument("--depth", type=int, default=100, help="documents retrieved per question; recall and MRR are at this depth")
+    p.add_argument("--max-doc-tokens", type=int, default=None,
+                   help="LLM tokens per document in the prompt (default: the checkpoint's, else 180)")
+    p.add_argument("--rationale", action="store_true",
+                   help="generate mode: write an explanation too, and score it (term F1 vs the reference, support by the documents)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="generation budget (0: 16 for an answer, 192 with a rationale)")
+    p.add_argument("--limit", type=int, default=None, help="the first N questions of each file")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per retrieval batch and per shard unit")
+    p.add_argument("--contamination", nargs="+", default=[], metavar="FILE",
+                   help="check the questions against these corpus or training files for leaked text")
+    p.add_argument("--ngram", type=int, default=8, help="contamination: words per n-gram")
+    p.add_argument("--overlap", type=float, default=0.5, help="contamination: flag at this share of a question's n-grams")
+    p.add_argument("--out", default=None, help="write every record (and the contamination flags) to this JSON file")
+    p.add_argument("--cache", default="runs/eval-cache", help="where corpus indexes are built and kept")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="LLM weights: auto is bf16 on CUDA compute capability 8.0+, else fp32")
+    p.add_argument("--ask", default=None, help="one question of your own: the top documents, then answer and rationale")
+    p.add_argument("--options", nargs="+", default=[], help="--ask: answer options, lettered A, B, ... in order")
+    args = p.parse_args(argv)
+    if not args.benchmarks and not args.ask:
+        p.error("give one or more benchmark files, or --ask")
+    if any(s != "none" for s in args.retriever) and not args.corpus:
+        p.error("a retriever needs --corpus (the documents to retrieve from)")
+    return args
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def build(args, llm_path: str, spec: str, device: torch.device, dtype: torch.dtype) -> tuple[JMLR, int]:
+    """The JMLR module for one system (its retriever loaded or None) and its default k."""
+    llm, tok, train_cfg = load_llm(llm_path, device, dtype)
+    saved = train_cfg.get("jmlr", {})
+    ret = None if spec == "none" else load_retriever(spec, llm_path, device)
+    cfg = JMLRConfig(max_doc_tokens=args.max_doc_tokens or saved.get("max_doc_tokens", 180))
+    return JMLR(llm, ret, tok, cfg, pad_id=0).eval(), args.k or saved.get("top_k", 7)
+
+
+def ask(args, device: torch.device, dtype: torch.dtype, cache: Path):
+    """--ask: the top documents with their scores, then the answer (and option likelihoods)."""
+    model, k = build(args, args.llm[0], args.retriever[0], device, dtype)
+    options = dict(zip(string.ascii_uppercase, args.options))
+    ex, docs = Example(args.ask, options, "", [], None, ""), []
+    if model.retriever is not None:
+        index = open_index(model.retriever, corpus_file(args.corpus, cache), cache, 0)
+        with torch.no_grad():
+            scores, found = index.search(*model.retriever.encode_queries([args.ask]), k)
+        for i, (s, d) in enumerate(zip(scores[0].tolist(), found[0].tolist()), start=1):
+            docs.append(index.text(d))
+            print(f"{i:2d}. {s:7.3f}  {index.ids[d]}  {docs[-1][:300]}")
+    docs = docs[::-1]                                                    # best last, as in training
+    if options:
+        losses = option_losses(model, ex, docs)
+        print("option losses: " + ", ".join(f"{x} {v:.3f}" for x, v in zip(options, losses.tolist())))
+        print(f"answer by likelihood: {list(options)[int(losses.argmin())]}")
+    if not isinstance(model.llm, OptionHead):
+        print(f"generated: {generate_answer(model, ex, docs, args.max_new_tokens or 192, stop_at_newline=False).strip()}")
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    rank, _, device = setup_distributed()
+    dtype, cache = pick_dtype(args.dtype, device), Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    if args.ask:
+        return ask(args, device, dtype, cache)
+    t_start = time.time()
+    benches = [read_benchmark(b, args.format, args.limit) for b in args.benchmarks]
+    flagged = {b.name: contamination(b.records, args.contamination, args.ngram, args.overlap)
+               for b in benches} if args.contamination else {}
+    corpus = corpus_file(args.corpus, cache) if args.corpus else None
+    candidates = read_candidates(args.candidates) if args.candidates else None
+    texts = {i: t for i, t, _ in rt.read_corpus(corpus)} if candidates else None
+    rows = []
+    for llm_path in args.llm:
+        for spec in args.retriever:
+            model, k = build(args, llm_path, spec, device, dtype)
+            index = open_index(model.retriever, corpus, cache, rank) if model.retriever and not candidates else None
+            ks = tuple(range(11)) if args.sweep else (k,)
+            for mode in args.mode:
+                settings = Settings(mode, ks, max(args.depth, max(ks)), args.batch_size, args.rationale,
+                                    args.max_new_tokens)
+                for bench in benches:
+                    t0 = time.time()
+                    results = evaluate(model, bench, settings, index, candidates, texts)
+                    seconds = round(time.time() - t0, 1)
+                    for kk in (ks if model.retriever else (0,)):
+                        rows.append({"benchmark": bench.name, "checkpoint": llm_path, "retriever": spec, "mode": mode,
+                                     "k": kk, **summarize(results, kk, mode), "seconds": seconds}
+                                    | ({"swept": True} if model.retriever and kk != k else {}))
+                    if rank == 0:
+                        print(f"{Path(llm_path).name} / {spec} / {mode} on {bench.name}: {len(results):,} questions "
+                              f"in {seconds:,.0f} s", file=sys.stderr, flush=True)
+            del model
+    if rank == 0:
+        print(results_table(rows) + subject_table(rows) + sweep_table(rows))
+        for name, flags in flagged.items():
+            print(f"\ncontamination of {name} ({args.ngram}-grams, flagged at {args.overlap:.0%}): "
+                  f"{len(flags)} of {len(next(b for b in benches if b.name == name).records):,} questions")
+            for f in flags:
+                print(f"  {f['id']}: {f['overlap']:.0%} in {f['source']} {f['source_id']}: {f['question']}")
+        if args.out:
+            report = {"results": rows, "contamination": flagged, "argv": sys.argv[1:],
+                      "seconds": round(time.time() - t_start, 1)}
+            atomic_write(Path(args.out), lambda p: Path(p).write_text(json.dumps(report, indent=1)))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""eval.py: answers, intervals, retrieval metrics, contamination and sharding, checked against hand
+computations. The model is a hand-built bigram Llama: its blocks add nothing (zero output
+projections), embeddings are one-hot, so the logits after a token depend on that token alone and
+every option's loss can be computed by hand."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import eval as ev
+import retriever as rt
+from jmlr import JMLR, Example, JMLRConfig
+from llama import Llama
+from train import make_demo_models
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+BOOST = 10.0    # the bigram logit of the favoured next token; every other logit is 0
+
+QUESTIONS = [   # (question, {letter: option}, answer, subject, gold document)
+    ("Which drug treats zorbitis ?", ["kelamab", "dufopril", "vomicillin", "rotazole"], "B", "pharm", "d1"),
+    ("Which drug treats pelumia ?", ["dufopril", "kelamab", "rotazole", "vomicillin"], "B", "pharm", "d2"),
+    ("Which drug treats gastralgia ?", ["rotazole", "vomicillin", "kelamab", "dufopril"], "A", "pharm", "d3"),
+    ("Which germ causes morbitoma ?", ["lurubacter", "fenococcus", "tarimyces", "bodovirus"], "B", "micro", "d4"),
+    ("Which germ causes sinopathy ?", ["fenococcus", "tarimyces", "lurubacter", "bodovirus"], "C", "micro", "d5"),
+    ("Which germ causes kavitis ?", ["bodovirus", "lurubacter", "fenococcus", "tarimyces"], "D", "micro", "d6"),
+]
+DOCS = {"d1": "zorbitis responds to dufopril", "d2": "pelumia responds to kelamab", "d3": "gastralgia responds to rotazole",
+        "d4": "morbitoma follows fenococcus infection", "d5": "sinopathy follows lurubacter infection",
+        "d6": "kavitis follows tarimyces infection", "d7": "dufopril and kelamab are drugs",
+        "d8": "fenococcus is a microbe", "d9": "rotazole cures infection"}
+WORDS = sorted({w for q, opts, *_ in QUESTIONS for w in q.split() + opts} | {w for d in DOCS.values() for w in d.split()}
+               | {"Document", "Question", "Answer", "Explanation", ":", ".", "A", "B", "C", "D"})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """The bigram LLM, a word-matching demo retriever, a generic QA file and a corpus."""
+    d = tmp_path_factory.mktemp("eval")
+    make_demo_models(d / "llm", d / "retriever", WORDS, seed=0)
+    llm = Llama.from_pretrained(d / "llm")
+    vocab = json.loads((d / "llm" / "tokenizer.json").read_text())["model"]["vocab"]
+    V, C = llm.cfg.vocab_size, llm.cfg.hidden_size
+    assert V <= C, "the one-hot embeddings need hidden_size >= vocabulary"
+    nxt = torch.zeros(V, V)                                   # nxt[i, j]: logit of token j right after token i
+    nxt[vocab[":"], vocab["B"]] = nxt[vocab["B"], vocab["."]] = nxt[vocab["."], vocab["</s>"]] = BOOST
+    with torch.no_grad():
+        for block in llm.layers:                              # residual branches add zero
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        llm.embed_tokens.weight.copy_(torch.eye(V, C))        # RMSNorm turns e_i into e_i / sqrt(1/C + eps)
+        llm.lm_head.weight.copy_(torch.cat([nxt.T, torch.zeros(V, C - V)], 1) * math.sqrt(1 / C + llm.cfg.rms_norm_eps))
+    llm.save_pretrained(d / "llm")
+    qa = [{"id": f"q{i}", "question": q, "options": dict(zip("ABCD", opts)), "answer": a, "subject": s, "gold_doc": g}
+          for i, (q, opts, a, s, g) in enumerate(QUESTIONS)]
+    (d / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"id": k, "contents": v}) + "\n" for k, v in DOCS.items()))
+    return {"dir": d, "llm": d / "llm", "retriever": d / "retriever", "qa": d / "qa.jsonl", "corpus": d / "corpus.jsonl",
+            "V": V}
+
+
+def run_eval(files, *extra: str) -> dict:
+    out = files["dir"] / f"out-{abs(hash(extra))}.json"
+    ev.main([str(files["qa"]), "--llm", str(files["llm"]), "--corpus", str(files["corpus"]), "--cache",
+             str(files["dir"] / "cache"), "--batch-size", "2", "--out", str(out), *extra])
+    return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers by likelihood and by generation
+
+def test_likelihood_equals_the_hand_computed_bigram_loss(files):
+    """Target ' X. text' + EOS is 4 tokens: X after ':', '.' after X, the word after '.', EOS after
+    the word. The bigram favours B after ':', '.' after B and EOS after '.': option B's loss is
+    lowest, and every loss is a sum of log-softmax terms of BOOST and zeros."""
+    llm, tok, _ = ev.load_llm(str(files["llm"]), torch.device("cpu"), torch.float32)
+    model = JMLR(llm, None, tok, JMLRConfig()).eval()
+    q, opts, *_ = QUESTIONS[0]
+    ex = Example(q, dict(zip("ABCD", opts)), "", [], None, "B")
+    V = files["V"]
+    hit, miss = -BOOST + math.log(math.exp(BOOST) + V - 1), math.log(math.exp(BOOST) + V - 1)   # favoured / not
+    uniform = math.log(V)                                                                     # a row of zeros
+    expected = [(miss + uniform + miss + uniform) / 4] * 4
+    expected[1] = (hit + hit + miss + uniform) / 4       # B: ':'->B and B->'.' favoured, '.'->word not, word->EOS uniform
+    losses = ev.option_losses(model, ex, [])
+    assert torch.allclose(losses, torch.tensor(expected), atol=1e-4), f"option losses {losses} != by hand {expected}"
+    assert int(losses.argmin()) == 1, "likelihood scoring must pick the option the model is certain of (B)"
+    reference = model.option_losses([ex], [[DOCS["d1"], DOCS["d7"]]])[0]   # jmlr.py's, one full pass per option
+    shared = ev.option_losses(model, ex, [DOCS["d1"], DOCS["d7"]])
+    assert torch.allclose(shared, reference, atol=1e-5), "the shared-prefix KV cache changed the option losses"
+
+
+def test_accuracy_subjects_and_intervals_by_hand(files):
+    """The model always answers B: questions 0, 1 (pharm) and 3 (micro) are right."""
+    record = run_eval(files)["results"][0]
+    assert (record["n"], record["accuracy"]) == (6, 3 / 6), f"accuracy {record['accuracy']} of {record['n']}"
+    assert record["ci95"] == pytest.approx(ev.wilson_interval(3, 6))
+    assert record["by_subject"]["pharm"]["accuracy"] == pytest.approx(2 / 3), "per-subject accuracy (pharm)"
+    assert record["by_subject"]["micro"]["accuracy"] == pytest.approx(1 / 3), "per-subject accuracy (micro)"
+    assert record["subject_mean"] == pytest.approx(0.5), "the mean of the subjects' accuracies"
+
+
+def test_wilson_interval_matches_published_values():
+    """Newcombe (1998), Table I, method 3 (Wilson score): 0/10, 1/29, 81/263; and the textbook 7/10."""
+    for (c, n), (lo, hi) in {(0, 10): (0.0, 0.2775), (1, 29): (0.0061, 0.1718), (81, 263): (0.2553, 0.3662),
+                             (7, 10): (0.3968, 0.8922)}.items():
+        assert ev.wilson_interval(c, n) == pytest.approx((lo, hi), abs=1e-4), f"Wilson interval of {c}/{n}"
+
+
+def test_generation_reads_the_answer_letter(files):
+    """Greedy generation writes 'B.' then EOS: every answer parses, and the accuracy is the same."""
+    record = run_eval(files, "--mode", "generate")["results"][0]
+    assert record["unparsed"] == 0.0, "'B.' must parse as the letter B"
+    assert record["accuracy"] == 3 / 6, "generation answers B, right on 3 of 6"
+
+
+@pytest.mark.parametrize("text, options, letter", [
+    (" B. dufopril", "ABCD", "B"), ("(C) because", "ABCD", "C"), ("D", "ABCD", "D"), (" A\nExplanation: x", "AB", "A"),
+    ("The answer is (B).", "ABCD", "B"), ("Answer: C", "ABCD", "C"), (" A 45-year-old man", "ABCD", None),
+    (" E. ten", "ABCD", None), (" yes, because", {"A": "yes", "B": "no", "C": "maybe"}, "A"),
+    (" none of these", {"A": "no", "B": "none of these"}, "B"), ("I cannot tell", "ABCD", None)])
+def test_extract_letter(text, options, letter):
+    options = options if isinstance(options, dict) else {x: f"option {x}" for x in options}
+    assert ev.extract_letter(text, options) == letter, f"extract_letter({text!r})"
+
+
+def test_unparsed_share_and_rationale_scores_are_averaged_by_hand():
+    results = [{"subject": None, "gold": False, "retrieved": False,
+                0: {"correct": c, "parsed": p, "f1": f}} for c, p, f in [(True, True, 0.5), (False, False, None),
+                                                                         (False, True, 0.1), (True, True, 0.3)]]
+    s = ev.summarize(results, 0, "generate")
+    assert s["unparsed"] == 1 / 4 and s["accuracy"] == 2 / 4, "unparsed share / accuracy"
+    assert s["rationale_f1"] == pytest.approx(0.3), "mean F1 over the questions that have a reference"
+
+
+def test_term_f1_and_support_by_hand():
+    # terms: [vitamin, c, deficiency, causes, scurvy] vs [scurvy, caused, vitamin, c, deficiency]: 4 shared
+    assert ev.term_f1("Vitamin C deficiency causes scurvy.", "Scurvy is caused by vitamin C deficiency") == \
+        pytest.approx(0.8), "term F1: P = R = 4/5"
+    assert ev.term_f1("the of and", "scurvy") == 0.0, "stopwords only: no terms, F1 0"
+    # distinct terms {scurvy, lack, vitamin, c}; the document holds 3 of them
+    assert ev.term_support("Scurvy: lack of vitamin C", ["Vitamin C prevents scurvy."]) == pytest.approx(3 / 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval
+
+def test_retrieval_metrics_and_sweep(files):
+    """The demo retriever matches words: each question's gold document shares its rare disease word,
+    no other does, so it ranks first (recall@1 = MRR = 1). k = 0 is no retrieval."""
+    rows = run_eval(files, "--retriever", "none", str(files["retriever"]), "--sweep")["results"]
+    none, swept = rows[0], rows[1:]
+    assert [r["k"] for r in swept] == list(range(11)), "the sweep covers k = 0..10"
+    assert swept[0]["accuracy"] == none["accuracy"] and "mrr" not in swept[0], "k = 0 is the no-retrieval row"
+    assert swept[7]["recall@1"] == 1.0 and swept[7]["mrr"] == 1.0, f"gold documents not ranked first: {swept[7]}"
+    assert swept[7]["recall@7"] == 1.0
+
+
+def test_ask_prints_the_gold_document_first_and_the_answer(files, capsys):
+    q, opts, *_ = QUESTIONS[3]
+    ev.main(["--ask", q, "--options", *opts, "--llm", str(files["llm"]), "--retriever", str(files["retriever"]),
+             "--corpus", str(files["corpus"]), "--cache", str(files["dir"] / "cache"), "--k", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2] == "d4", f"the top document must be the gold one: {lines[0]}"
+    assert "answer by likelihood: B" in lines, "the bigram model answers B"
+    assert any(line.startswith("generated: B.") for line in lines), "generation writes 'B.'"
+
+
+# ----------------------------------------------------------------------------------------------
+# Contamination
+
+def test_contamination_flags_a_planted_duplicate_and_nothing_clean(tmp_path):
+    records = [rt.QARecord("q1", "A 34-year-old woman presents with fever, joint pain and a malar rash after "
+                           "sun exposure. Which of the following is the most likely diagnosis?", {"A": "x", "B": "y"}, "A"),
+               rt.QARecord("q2", "A 60-year-old man has crushing chest pain radiating to the left arm for two hours. "
+                           "Which of the following is the most likely diagnosis?", {"A": "x", "B": "y"}, "A")]
+    clean = tmp_path / "clean.jsonl"   # shares the closing sentence and some words, not the questions
+    clean.write_text(json.dumps({"id": "c1", "contents": "Which of the following is the most likely diagnosis? "
+                                 "Lupus presents with a malar rash and joint pain in a young woman."}) + "\n")
+    assert ev.contamination(records, [str(clean)]) == [], "a clean corpus must flag nothing"
+    leaked = tmp_path / "leaked.jsonl"  # a GPT-4-style explanation that restates question 2
+    leaked.write_text(clean.read_text() + json.dumps({"id": "gpt4-17", "contents": "Explanation: a 60 year old man has "
+                      "crushing chest pain radiating to the left arm for two hours; which of the following is the most "
+                      "likely diagnosis? Myocardial infarction."}) + "\n")
+    flags = ev.contamination(records, [str(leaked)])
+    assert [(f["id"], f["source_id"]) for f in flags] == [("q2", "gpt4-17")], f"flags: {flags}"
+    assert flags[0]["overlap"] == 1.0, "every 8-gram of the planted question is in the leaked text"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, bad input, formats
+
+def test_checkpoint_resolution_and_option_head(files, tmp_path):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_000010"
+    step.mkdir(parents=True)
+    (step / "llm").symlink_to(files["llm"], target_is_directory=True)
+    (step / "retriever").symlink_to(files["retriever"], target_is_directory=True)
+    (run / "checkpoints" / "latest").write_text("step_000010\n")
+    (step / "state.json").write_text(json.dumps({"config": {"jmlr": {"top_k": 3, "max_doc_tokens": 32}}}))
+    C = 64
+    head = {"llm.query.weight": torch.randn(C, C), "llm.key.weight": torch.randn(C, C)}
+    save_file(head, step / "option_head.safetensors")
+    llm_dir, ret_dir, head_file, cfg = ev.resolve_checkpoint(str(run))
+    assert (llm_dir, ret_dir, head_file) == (step / "llm", step / "retriever", step / "option_head.safetensors")
+    assert cfg["jmlr"]["top_k"] == 3, "the training config comes with the checkpoint (eval's default k)"
+    llm, _, _ = ev.load_llm(str(run), torch.device("cpu"), torch.float32)
+    assert torch.equal(llm.query.weight, head["llm.query.weight"]), "the option head's query weights were not loaded"
+    assert ev.resolve_checkpoint(str(files["llm"]))[1:3] == (None, None), "a plain HF directory has no extras"
+    with pytest.raises(FileNotFoundError, match="neither an HF-format Llama directory"):
+        ev.resolve_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "q?", "options": {"A": "x", "B": "y"}, "answer": "A"}\n{"question": "q2?"\n', r"bad\.jsonl:2: not valid JSON"),
+    ('{"question": "q?", "options": {}, "answer": "A"}\n', r"bad\.jsonl:1: missing or empty 'options'"),
+    ('{"question": "q?", "options": {"A": "x", "B": "y"}, "answer": "E"}\n', r"bad\.jsonl:1: answer letter 'E' is not"),
+    ("\n\n", r"bad\.jsonl: no questions")])
+def test_bad_input_names_the_file_and_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        ev.main([str(tmp_path / "bad.jsonl"), "--llm", str(tmp_path), "--format", "generic", "--cache", str(tmp_path)])
+
+
+def test_formats_fixtures_and_a_directory_of_subjects(tmp_path):
+    (tmp_path / "mmlu").mkdir()
+    for subject in ("anatomy", "virology"):
+        (tmp_path / "mmlu" / f"{subject}_test.csv").write_text("q1,a,b,c,d,B\nq2,a,b,c,d,D\nq3,a,b,c,d,A\n")
+    bench = ev.read_benchmark(str(tmp_path / "mmlu"), limit=2)
+    assert bench.name == "mmlu" and len(bench.records) == 4, "a directory: every file, the first 2 of each"
+    assert [r.subject for r in bench.records] == ["anatomy", "anatomy", "virology", "virology"]
+    amboss = tmp_path / "amboss.jsonl"   # MedQA's shape with five options
+    amboss.write_text(json.dumps({"question": "q?", "options": dict(zip("ABCDE", "vwxyz")), "answer": "z",
+                                  "answer_idx": "E", "meta_info": "step1"}) + "\n")
+    assert ev.read_benchmark(str(amboss)).records[0].answer == "E"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no {DATA}")
+def test_real_benchmarks_parse_with_their_counts():
+    counts = {"mmlu_medical": 1089, "medmcqa/dev.jsonl": 4183, "pubmedqa/ori_pqal.json": 1000}
+    for path, n in counts.items():
+        bench = ev.read_benchmark(str(DATA / path))
+        assert len(bench.records) == n, f"{path}: {len(bench.records)} questions, expected {n}"
+    assert len({r.subject for r in ev.read_benchmark(str(DATA / "mmlu_medical")).records}) == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun
+
+def test_two_processes_equal_one(files, tmp_path):
+    """Questions sharded by batch across 2 gloo ranks, results gathered: the same records."""
+    common = [str(files["qa"]), "--llm", str(files["llm"]), "--retriever", "none", str(files["retriever"]),
+              "--corpus", str(files["corpus"]), "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--k", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "eval.py", *common, "--out", str(tmp_path / "one.json")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "eval.py", *common, "--out", str(tmp_path / "two.json")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
+    assert strip(one) == strip(two), "2 ranks must give exactly the records of 1 process"

@@ -35,10 +35,12 @@ A answer tokens, C LLM width, V vocabulary.
 import argparse
 import json
 import math
+import os
 import re
 import string
 import sys
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,31 @@ def term_support(prediction: str, docs: list[str]) -> float:
     of what it says the retrieved evidence contains (a precision; recall would punish brevity)."""
     pred, found = set(terms(prediction)), set(terms(" ".join(docs)))
     return len(pred & found) / len(pred) if pred else 0.0
+
+
+JUDGE_PROMPT = ("You grade medical explanations. Rate from 0 to 10 how factually consistent the candidate "
+                "explanation is with the reference explanation: 10 if every medical claim in the candidate is "
+                "supported by the reference, 0 if it contradicts the reference or is unrelated. Reply with the number only.")
+
+
+def judge_score(url: str, model: str, question: str, reference: str, candidate: str) -> float | None:
+    """An LLM judge's 0-10 grade / 10, from an OpenAI-compatible /chat/completions endpoint of the
+    user's choice (key from OPENAI_API_KEY); None when the reply holds no grade. Optional: it needs
+    a network service, and its grades are only as reproducible as the judge model is."""
+    body = {"model": model, "temperature": 0, "max_tokens": 8, "messages": [
+        {"role": "system", "content": JUDGE_PROMPT},
+        {"role": "user", "content": f"Question: {question}\nReference explanation: {reference}\n"
+                                    f"Candidate explanation: {candidate}"}]}
+    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            reply = json.loads(response.read())["choices"][0]["message"]["content"]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise RuntimeError(f"--judge {url}: no usable answer from the endpoint ({e!r})") from None
+    m = re.search(r"\b(10|[0-9])\b", reply)
+    return int(m.group(1)) / 10 if m else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +367,8 @@ class Settings:
     batch_size: int = 8
     rationale: bool = False
     max_new_tokens: int = 0         # 0: 16 for an answer, 192 with a rationale
+    judge: str | None = None        # an OpenAI-compatible base URL: rationales graded by an LLM too
+    judge_model: str = ""
 
 
 def retrieve(model: JMLR, records: list[rt.QARecord], index: rt.Index | None, candidates: dict | None,
@@ -389,6 +418,8 @@ def answer_batch(model: JMLR, records: list[rt.QARecord], examples: list[Example
                     why = rationale_of(text)
                     res[k]["support"] = term_support(why, docs) if docs else None
                     res[k]["f1"] = term_f1(why, r.rationale) if r.rationale else None
+                    if settings.judge and r.rationale:
+                        res[k]["judge"] = judge_score(settings.judge, settings.judge_model, r.question, r.rationale, why)
         out.append(res)
     return out
 
@@ -427,7 +458,7 @@ def summarize(results: list[dict], k: int, mode: str) -> dict:
         out["subject_mean"] = sum(v["accuracy"] for v in out["by_subject"].values()) / len(subjects)
     if mode == "generate":
         out["unparsed"] = sum(not a["parsed"] for a in at_k) / len(at_k)
-    for key in ("f1", "support"):
+    for key in ("f1", "support", "judge"):
         values = [a[key] for a in at_k if a.get(key) is not None]
         if values:
             out[f"rationale_{key}"] = sum(values) / len(values)
@@ -449,13 +480,13 @@ def pct(x: float | None) -> str:
 def results_table(rows: list[dict]) -> str:
     """One line per record, in the order evaluated: systems side by side for each benchmark."""
     lines = [("| benchmark | checkpoint | retriever | mode | k | n | accuracy % (95% CI) | subject mean | unparsed % "
-              "| recall@1 | recall@k | MRR | rationale F1 | support |"), "|" + "---|" * 14]
+              "| recall@1 | recall@k | MRR | rationale F1 | support | judge |"), "|" + "---|" * 15]
     for r in rows:
         acc = f"{pct(r['accuracy'])} ({pct(r['ci95'][0])}-{pct(r['ci95'][1])})"
         cells = [r["benchmark"], r["checkpoint"], r["retriever"], r["mode"], r["k"], f"{r['n']:,}", acc,
                  pct(r.get("subject_mean")), pct(r.get("unparsed")), pct(r.get("recall@1")),
                  pct(r.get(f"recall@{r['k']}")), pct(r.get("mrr")), pct(r.get("rationale_f1")),
-                 pct(r.get("rationale_support"))]
+                 pct(r.get("rationale_support")), pct(r.get("rationale_judge"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -528,6 +559,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contamination", nargs="+", default=[], metavar="FILE",
                    help="check the questions against these corpus or training files for leaked text")
     p.add_argument("--ngram", type=int, default=8, help="contamination: words per n-gram")
+    p.add_argument("--judge", default=None, metavar="URL",
+                   help="--rationale: also grade rationales with an LLM at this OpenAI-compatible base URL "
+                        "(e.g. https://api.openai.com/v1; key from OPENAI_API_KEY)")
+    p.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
     p.add_argument("--overlap", type=float, default=0.5, help="contamination: flag at this share of a question's n-grams")
     p.add_argument("--out", default=None, help="write every record (and the contamination flags) to this JSON file")
     p.add_argument("--cache", default="runs/eval-cache", help="where corpus indexes are built and kept")
@@ -602,7 +637,7 @@ def main(argv: list[str] | None = None):
             ks = tuple(range(11)) if args.sweep else (k,)
             for mode in args.mode:
                 settings = Settings(mode, ks, max(args.depth, max(ks)), args.batch_size, args.rationale,
-                                    args.max_new_tokens)
+                                    args.max_new_tokens, args.judge, args.judge_model)
                 for bench in benches:
                     t0 = time.time()
                     results = evaluate(model, bench, settings, index, candidates, texts)

@@ -268,3 +268,36 @@ def test_two_processes_equal_one(files, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
     assert strip(one) == strip(two), "2 ranks must give exactly the records of 1 process"
+
+
+def test_llm_judge_through_an_openai_compatible_endpoint():
+    """A local stand-in endpoint: the request carries the reference and the candidate, the grade
+    '7' of the reply becomes 0.7, a reply without a grade None."""
+    import http.server
+    import threading
+
+    seen, replies = [], iter(["7", "I cannot grade this"])
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            body = json.dumps({"choices": [{"message": {"content": next(replies)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        assert ev.judge_score(url, "judge-1", "Why scurvy?", "lack of vitamin C", "vitamin C deficiency") == 0.7
+        assert ev.judge_score(url, "judge-1", "q", "r", "c") is None, "a reply without a grade is no grade"
+    finally:
+        server.shutdown()
+    path, body = seen[0]
+    assert path == "/v1/chat/completions" and body["model"] == "judge-1", f"request to {path}: {body}"
+    assert "lack of vitamin C" in body["messages"][1]["content"] and "vitamin C deficiency" in body["messages"][1]["content"]

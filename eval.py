@@ -372,30 +372,29 @@ class Settings:
 
 
 def retrieve(model: JMLR, records: list[rt.QARecord], index: rt.Index | None, candidates: dict | None,
-             corpus: dict | None, depth: int) -> tuple[list[Example], torch.Tensor | None]:
-    """Examples with their retrieved documents (best first) and their scores (B, depth); no retrieval:
-    (examples without documents, None). From the index with this retriever, or by re-scoring the
-    candidate lists with it, as train.py does (jmlr.JMLR.score_candidates)."""
+             corpus: dict | None, depth: int) -> list[Example]:
+    """Examples with their top `depth` documents by this retriever, best first (none without a
+    retriever), and the position of the gold document among them (Example.gold, None when absent):
+    from the index, or by re-scoring the candidate lists as train.py does (JMLR.score_candidates)."""
     examples = [Example(r.question, r.options, "", [], None, r.answer) for r in records]
     if model.retriever is None:
-        return examples, None
+        return examples
     if candidates is not None:
         for r, ex in zip(records, examples):
             if r.id not in candidates:
                 raise ValueError(f"question {r.id!r} has no candidate list; build them for this benchmark")
             ex.candidates = [corpus[d] for d in candidates[r.id][:depth]]
-        scores = model.score_candidates(examples)                                # (B, N)
-        scores, order = scores.sort(dim=1, descending=True)
+        order = model.score_candidates(examples).argsort(dim=1, descending=True, stable=True)   # (B, N)
         for ex, o, r in zip(examples, order.tolist(), records):
             ids = [candidates[r.id][i] for i in o]
             ex.candidates, ex.gold = [ex.candidates[i] for i in o], ids.index(r.gold_doc) if r.gold_doc in ids else None
-        return examples, scores
+        return examples
     Q, q_mask = model.retriever.encode_queries([r.question for r in records])
-    scores, docs = index.search(Q, q_mask, depth)                                  # (B, depth) each
+    _, docs = index.search(Q, q_mask, depth)                                       # (B, depth)
     for ex, r, dd in zip(examples, records, docs.tolist()):
         ids = [index.ids[d] for d in dd]
         ex.candidates, ex.gold = [index.text(d) for d in dd], ids.index(r.gold_doc) if r.gold_doc in ids else None
-    return examples, scores
+    return examples
 
 
 def answer_batch(model: JMLR, records: list[rt.QARecord], examples: list[Example], settings: Settings) -> list[dict]:
@@ -435,7 +434,7 @@ def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index 
     for a in range(rank * bs, len(recs), world * bs):
         batch = recs[a:a + bs]
         with torch.no_grad():
-            examples, _ = retrieve(model, batch, index, candidates, corpus, settings.depth)
+            examples = retrieve(model, batch, index, candidates, corpus, settings.depth)
         mine += [(a + i, res) for i, res in enumerate(answer_batch(model, batch, examples, settings))]
     if dist.is_initialized():
         gathered = [None] * world

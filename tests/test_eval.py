@@ -163,6 +163,15 @@ def test_retrieval_metrics_and_sweep(files):
     assert swept[7]["recall@7"] == 1.0
 
 
+def test_candidate_lists_are_rescored_by_the_retriever(files):
+    """--candidates: each list holds the gold document last; re-scored as in training, it comes first."""
+    path = files["dir"] / "candidates.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "doc_ids": [d for d in DOCS if d != g] + [g]}) + "\n"
+                            for i, (*_, g) in enumerate(QUESTIONS)))
+    row = run_eval(files, "--retriever", str(files["retriever"]), "--candidates", str(path), "--k", "2")["results"][0]
+    assert (row["recall@1"], row["mrr"]) == (1.0, 1.0), f"the gold documents were not re-ranked first: {row}"
+
+
 def test_ask_prints_the_gold_document_first_and_the_answer(files, capsys):
     q, opts, *_ = QUESTIONS[3]
     ev.main(["--ask", q, "--options", *opts, "--llm", str(files["llm"]), "--retriever", str(files["retriever"]),

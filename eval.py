@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import retriever as rt
-from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, tokenize_example
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_ranks, tokenize_example
 from llama import Llama, Tokenizer, atomic_write
 from train import read_candidates, resolve_retriever, setup_distributed
 
@@ -372,39 +372,42 @@ class Settings:
 
 
 def retrieve(model: JMLR, records: list[rt.QARecord], index: rt.Index | None, candidates: dict | None,
-             corpus: dict | None, depth: int) -> list[Example]:
-    """Examples with their top `depth` documents by this retriever, best first (none without a
-    retriever), and the position of the gold document among them (Example.gold, None when absent):
-    from the index, or by re-scoring the candidate lists as train.py does (JMLR.score_candidates)."""
+             corpus: dict | None, depth: int) -> tuple[list[Example], torch.Tensor | None]:
+    """Examples with `depth` documents each and the gold document's position among them (None when
+    absent), and the retriever's scores of those documents (B, depth); no retriever: no documents and
+    None. From the index (documents best first), or by re-scoring each question's candidate list
+    with the retriever, as training does (JMLR.score_candidates; documents in the list's order)."""
     examples = [Example(r.question, r.options, "", [], None, r.answer) for r in records]
     if model.retriever is None:
-        return examples
+        return examples, None
     if candidates is not None:
         for r, ex in zip(records, examples):
             if r.id not in candidates:
                 raise ValueError(f"question {r.id!r} has no candidate list; build them for this benchmark")
-            ex.candidates = [corpus[d] for d in candidates[r.id][:depth]]
-        order = model.score_candidates(examples).argsort(dim=1, descending=True, stable=True)   # (B, N)
-        for ex, o, r in zip(examples, order.tolist(), records):
-            ids = [candidates[r.id][i] for i in o]
-            ex.candidates, ex.gold = [ex.candidates[i] for i in o], ids.index(r.gold_doc) if r.gold_doc in ids else None
-        return examples
+            ids = candidates[r.id][:depth]
+            ex.candidates, ex.gold = [corpus[d] for d in ids], ids.index(r.gold_doc) if r.gold_doc in ids else None
+        return examples, model.score_candidates(examples)                           # (B, N)
     Q, q_mask = model.retriever.encode_queries([r.question for r in records])
-    _, docs = index.search(Q, q_mask, depth)                                       # (B, depth)
+    scores, docs = index.search(Q, q_mask, depth)                                  # (B, depth) each
     for ex, r, dd in zip(examples, records, docs.tolist()):
         ids = [index.ids[d] for d in dd]
         ex.candidates, ex.gold = [index.text(d) for d in dd], ids.index(r.gold_doc) if r.gold_doc in ids else None
-    return examples
+    return examples, scores
 
 
-def answer_batch(model: JMLR, records: list[rt.QARecord], examples: list[Example], settings: Settings) -> list[dict]:
-    """One result per question: for every k, whether it was right (and what generation wrote)."""
+def answer_batch(model: JMLR, records: list[rt.QARecord], examples: list[Example], scores: torch.Tensor | None,
+                 settings: Settings) -> list[dict]:
+    """One result per question: the gold document's rank, and for every k whether the answer was
+    right (and what generation wrote)."""
+    ks = settings.ks if scores is not None else (0,)
+    ranks = gold_ranks(scores, examples) if scores is not None else [None] * len(examples)
+    top = {k: model.top_documents(examples, scores, k)[0] if k else [[] for _ in examples] for k in ks}  # best last
     out = []
-    for r, ex in zip(records, examples):
-        res = {"id": r.id, "subject": r.subject, "gold": r.gold_doc is not None, "retrieved": bool(ex.candidates),
-               "rank": None if ex.gold is None else ex.gold + 1}
-        for k in settings.ks if ex.candidates else (0,):
-            docs = ex.candidates[:k][::-1]                                       # best last, nearest the question
+    for i, (r, ex) in enumerate(zip(records, examples)):
+        res = {"id": r.id, "subject": r.subject, "gold": r.gold_doc is not None, "retrieved": scores is not None,
+               "rank": ranks[i]}
+        for k in ks:
+            docs = top[k][i]
             if settings.mode == "likelihood":
                 pred = list(ex.options)[int(option_losses(model, ex, docs).argmin())]
                 res[k] = {"correct": pred == ex.answer}
@@ -434,8 +437,8 @@ def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index 
     for a in range(rank * bs, len(recs), world * bs):
         batch = recs[a:a + bs]
         with torch.no_grad():
-            examples = retrieve(model, batch, index, candidates, corpus, settings.depth)
-        mine += [(a + i, res) for i, res in enumerate(answer_batch(model, batch, examples, settings))]
+            examples, scores = retrieve(model, batch, index, candidates, corpus, settings.depth)
+        mine += [(a + i, res) for i, res in enumerate(answer_batch(model, batch, examples, scores, settings))]
     if dist.is_initialized():
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
@@ -547,7 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", nargs="+", choices=("likelihood", "generate"), default=["likelihood"])
     p.add_argument("--k", type=int, default=None, help="documents in the prompt (default: the checkpoint's top_k, else 7)")
     p.add_argument("--sweep", action="store_true", help="every k from 0 to 10, printed as a curve")
-    p.add_argument("--depth", type=int, default=100, help="documents retrieved per question; recall and MRR are at this depth")
+    p.add_argument("--depth", type=int, default=None, help="documents retrieved per question, recall and MRR are at this "
+                   "depth (default: with --candidates the checkpoint's num_candidates, else 100)")
     p.add_argument("--max-doc-tokens", type=int, default=None,
                    help="LLM tokens per document in the prompt (default: the checkpoint's, else 180)")
     p.add_argument("--rationale", action="store_true",
@@ -584,18 +588,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def build(args, llm_path: str, spec: str, device: torch.device, dtype: torch.dtype) -> tuple[JMLR, int]:
-    """The JMLR module for one system (its retriever loaded or None) and its default k."""
+def build(args, llm_path: str, spec: str, device: torch.device, dtype: torch.dtype) -> tuple[JMLR, int, int]:
+    """The JMLR module for one system (its retriever loaded or None), its k and its retrieval depth:
+    as given, else as the checkpoint was trained (candidate lists as long as in training)."""
     llm, tok, train_cfg = load_llm(llm_path, device, dtype)
     saved = train_cfg.get("jmlr", {})
     ret = None if spec == "none" else load_retriever(spec, llm_path, device)
     cfg = JMLRConfig(max_doc_tokens=args.max_doc_tokens or saved.get("max_doc_tokens", 180))
-    return JMLR(llm, ret, tok, cfg, pad_id=0).eval(), args.k or saved.get("top_k", 7)
+    depth = args.depth or (train_cfg.get("num_candidates") if args.candidates else None) or 100
+    return JMLR(llm, ret, tok, cfg, pad_id=0).eval(), args.k or saved.get("top_k", 7), depth
 
 
 def ask(args, device: torch.device, dtype: torch.dtype, cache: Path):
     """--ask: the top documents with their scores, then the answer (and option likelihoods)."""
-    model, k = build(args, args.llm[0], args.retriever[0], device, dtype)
+    model, k, _ = build(args, args.llm[0], args.retriever[0], device, dtype)
     options = dict(zip(string.ascii_uppercase, args.options))
     ex, docs = Example(args.ask, options, "", [], None, ""), []
     if model.retriever is not None:
@@ -623,6 +629,10 @@ def main(argv: list[str] | None = None):
         return ask(args, device, dtype, cache)
     t_start = time.time()
     benches = [read_benchmark(b, args.format, args.limit) for b in args.benchmarks]
+    for llm_path in args.llm:              # every checkpoint checked before hours of evaluation start
+        if resolve_checkpoint(llm_path)[1] is None and "trained" in args.retriever:
+            raise ValueError(f"--retriever trained: {llm_path} has no retriever/ (a train.py checkpoint of a "
+                             "retrieval objective has one); evaluate it in a separate run without 'trained'")
     flagged = {b.name: contamination(b.records, args.contamination, args.ngram, args.overlap)
                for b in benches} if args.contamination else {}
     corpus = corpus_file(args.corpus, cache) if args.corpus else None
@@ -631,11 +641,11 @@ def main(argv: list[str] | None = None):
     rows = []
     for llm_path in args.llm:
         for spec in args.retriever:
-            model, k = build(args, llm_path, spec, device, dtype)
+            model, k, depth = build(args, llm_path, spec, device, dtype)
             index = open_index(model.retriever, corpus, cache, rank) if model.retriever and not candidates else None
             ks = tuple(range(11)) if args.sweep else (k,)
             for mode in args.mode:
-                settings = Settings(mode, ks, max(args.depth, max(ks)), args.batch_size, args.rationale,
+                settings = Settings(mode, ks, max(depth, max(ks)), args.batch_size, args.rationale,
                                     args.max_new_tokens, args.judge, args.judge_model)
                 for bench in benches:
                     t0 = time.time()

@@ -152,12 +152,14 @@ def sample_documents(scores: torch.Tensor, m: int, tau: float, minmax_scale: boo
 
     torch.multinomial without replacement draws one at a time, renormalizing over what is left:
     the first draw follows the softmax exactly. No gradient flows through the draw."""
+    # assignment: sampling: p = softmax(s.detach() / tau) (minmax_scale: s to [-1, 1] first); m draws, no repeats
     s = scores.detach().float()
     if minmax_scale:   # the official code's scaling to [-1, 1]: nearly uniform draws for small tau
         lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
         s = 2 * (s - lo) / (hi - lo).clamp_min(1e-12) - 1
     probs = torch.softmax(s / tau, dim=1)
     return torch.multinomial(probs, m, replacement=False, generator=generator)
+    # end assignment: sampling
 
 
 def rank_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau_rank: float = 1.0,
@@ -170,6 +172,7 @@ def rank_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau_rank: float = 
     tie_margin > 0 (our option, not the paper's) also treats near-ties as ties: two documents that
     help the LLM equally little differ in loss by noise, and a hard label on noise teaches the
     retriever to flatten its scores."""
+    # assignment: rank_loss: mean BCE(sigmoid((s_a - s_b) / tau_rank), 1[l_a < l_b]) over untied pairs a < b
     diff = (scores[:, :, None] - scores[:, None, :]) / tau_rank               # (B, m, m): s_a - s_b
     l = llm_losses.detach()
     target = (l[:, :, None] < l[:, None, :]).float()                         # 1 where a is better
@@ -180,6 +183,7 @@ def rank_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau_rank: float = 
         return scores.sum() * 0.0                                            # keeps the graph, no signal
     bce = F.binary_cross_entropy_with_logits(diff, target, reduction="none")  # (B, m, m)
     return bce[pairs].mean()
+    # end assignment: rank_loss
 
 
 def lsr_loss(scores: torch.Tensor, llm_losses: torch.Tensor, tau: float = 1.0, beta: float = 1.0) -> torch.Tensor:
@@ -247,6 +251,18 @@ class JMLR(nn.Module):
             self.tokens_trained += tokens.numel() if torch.is_grad_enabled() else 0
         return self.llm.sequence_loss(tokens, labels)
 
+    @torch.no_grad()
+    def document_losses(self, batch: list[Example], picked: torch.Tensor) -> torch.Tensor:
+        """Step 3: l (B, m), the mean NLL of each question's target given one sampled document alone,
+        without gradients. picked (B, m) indexes each question's candidates; all B * m (document,
+        question) prompts go through the LLM as one padded batch (right padding changes nothing)."""
+        # assignment: doc_losses: one tokenize_example row per sampled document, one llm_losses call, shaped (B, m)
+        rows = [tokenize_example(self.tok, [ex.candidates[i]], ex.question, ex.options, ex.target,
+                                 self.cfg.max_doc_tokens)
+                for ex, p in zip(batch, picked.tolist()) for i in p]
+        return self.llm_losses(rows).view(picked.shape)                           # (B, m)
+        # end assignment: doc_losses
+
     def score_candidates(self, batch: list[Example]) -> torch.Tensor:
         """Step 1: s (B, N) = MaxSim of each question against its own candidates, with gradients."""
         B, N = len(batch), len(batch[0].candidates)
@@ -256,10 +272,11 @@ class JMLR(nn.Module):
         D, d_mask = self.retriever.encode_docs([d for ex in batch for d in ex.candidates])   # (B*N, Ld, d)
         return maxsim(Q, q_mask, D.view(B, N, *D.shape[1:]), d_mask.view(B, N, -1))  # (B, N)
 
-    def top_documents(self, batch: list[Example], scores: torch.Tensor) -> tuple[list[list[str]], torch.Tensor]:
-        """The top-k candidates of each question by score, ordered best LAST (nearest the question),
-        and their indices in the candidate lists (B, k), best first."""
-        top = scores.detach().topk(min(self.cfg.top_k, scores.size(1)), dim=1).indices    # (B, k), best first
+    def top_documents(self, batch: list[Example], scores: torch.Tensor,
+                      k: int | None = None) -> tuple[list[list[str]], torch.Tensor]:
+        """The top-k (default cfg.top_k) candidates of each question by score, ordered best LAST
+        (nearest the question), and their indices in the candidate lists (B, k), best first."""
+        top = scores.detach().topk(min(k or self.cfg.top_k, scores.size(1)), dim=1).indices   # (B, k), best first
         return [[ex.candidates[i] for i in reversed(t)] for ex, t in zip(batch, top.tolist())], top
 
     @torch.no_grad()
@@ -319,9 +336,7 @@ class JMLR(nn.Module):
 
         # 2. dynamic sampling, 3. per-document LLM losses as one padded no-grad batch
         picked = sample_documents(scores, min(cfg.num_sampled, scores.size(1)), cfg.tau, cfg.minmax_scale, generator)
-        with torch.no_grad():
-            rows = [tokenize(ex, [ex.candidates[i]]) for ex, p in zip(batch, picked.tolist()) for i in p]
-            losses = self.llm_losses(rows).view(picked.shape)                         # (B, m)
+        losses = self.document_losses(batch, picked)                                  # (B, m), no gradient
         sampled = scores.gather(1, picked)                                            # (B, m), with gradients
         # 4. the retriever loss, 6. the joint loss
         objective = "jmlr" if cfg.objective == "retriever_only" else cfg.objective

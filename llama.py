@@ -123,9 +123,11 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for the given positions, in fp32. Each (T, D)."""
+    # assignment: rope: angles (T, D/2) = positions x inv_freq, repeated to (T, D) for the half-split pairs
     angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]   # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)                                     # (T, D)
     return angles.cos(), angles.sin()
+    # end assignment: rope
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,9 +137,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     to a fixed permutation of the rows of W_q and W_k, which HF's conversion script applies once; so
     HF-format checkpoints must be used with the half-split layout, and Meta's .pth files with theirs.
     """
+    # assignment: rope: x * cos + rotated * sin, where rotated = (-x2, x1) from the halves (x1, x2) of D
     x1, x2 = x.chunk(2, dim=-1)                                  # (B, H, T, D/2) each
     rotated = torch.cat([-x2, x1], dim=-1)                       # (B, H, T, D)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    # end assignment: rope
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,9 +156,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # assignment: rmsnorm: in fp32, x / sqrt(mean of x^2 over the last dim + eps); back to x's dtype, times weight
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+        # end assignment: rmsnorm
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

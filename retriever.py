@@ -164,14 +164,17 @@ class ColBERTTokenizer:
 
     def queries(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids (Nq, Lq) and attention mask (Nq, Lq): [MASK] padding not attended, all positions scored."""
+        # assignment: masks: rows from _ids, padded to query_maxlen with [MASK]; attend to the real tokens only
         L = self.cfg.query_maxlen
         rows = self._ids(texts, self.q_marker, L)
         ids = torch.tensor([r + [self.mask] * (L - len(r)) for r in rows])
         attend = torch.tensor([[True] * len(r) + [False] * (L - len(r)) for r in rows])
         return ids, attend
+        # end assignment: masks
 
     def docs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> ids (Nd, Ld), attention mask (Nd, Ld), score mask (Nd, Ld): padding and punctuation out."""
+        # assignment: masks: pad to the longest row with [PAD]; score = attend, minus self.punctuation if configured
         rows = self._ids(texts, self.d_marker, self.cfg.doc_maxlen)
         L = max(len(r) for r in rows)
         ids = torch.tensor([r + [self.pad] * (L - len(r)) for r in rows])
@@ -179,6 +182,7 @@ class ColBERTTokenizer:
         skip = torch.tensor(self.punctuation if self.cfg.mask_punctuation else [], dtype=torch.long)
         score = attend & ~torch.isin(ids, skip)
         return ids, attend, score
+        # end assignment: masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +306,7 @@ def maxsim(Q: torch.Tensor, q_mask: torch.Tensor, D: torch.Tensor, d_mask: torch
     Candidate lists:     Q (Nq, Lq, d), D (Nq, Nc, Ld, d)  -> scores (Nq, Nc)
     Masks are bool: q_mask (Nq, Lq), d_mask (Nd, Ld) or (Nq, Nc, Ld); masked tokens never count.
     """
+    # assignment: maxsim: all token dot products; max over unmasked document tokens, sum over unmasked query tokens
     if D.dim() == 3:
         sim = torch.einsum("qid,njd->qnij", Q, D)                        # (Nq, Nd, Lq, Ld)
         d_mask = d_mask[None, :, None, :]
@@ -310,6 +315,7 @@ def maxsim(Q: torch.Tensor, q_mask: torch.Tensor, D: torch.Tensor, d_mask: torch
         d_mask = d_mask[:, :, None, :]
     best = sim.masked_fill(~d_mask, float("-inf")).amax(dim=-1)          # (Nq, N, Lq)
     return torch.where(q_mask[:, None, :], best, 0.0).sum(-1)            # (Nq, N)
+    # end assignment: maxsim
 
 
 def in_batch_loss(scores: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,7 @@ def group_ids(T: int, group_size: int, shifted: bool, device=None) -> torch.Tens
 
 def s2_mask(T: int, group_size: int, num_heads: int, device=None) -> torch.Tensor:
     """(H, T, T) bool, True where query i may attend to key j: j <= i and same group."""
+    # assignment: s2attn_mask: causal and in the same group_ids group; shifted groups for the shifted_heads
     i = torch.arange(T, device=device)
     causal = i[None, :] <= i[:, None]                                        # (T, T)
     masks = []
@@ -109,6 +110,7 @@ def s2_mask(T: int, group_size: int, num_heads: int, device=None) -> torch.Tenso
         g = group_ids(T, group_size, shifted, device)
         masks.append(causal & (g[:, None] == g[None, :]))                    # (T, T)
     return torch.where(shifted_heads(num_heads).to(causal.device)[:, None, None], masks[1], masks[0])
+    # end assignment: s2attn_mask
 
 
 def s2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -221,6 +223,26 @@ def _store_rows(base, rows, stride, T, x, HEAD_DIM: tl.constexpr, INTERPRETED: t
 # Forward kernel: one program per (query block, batch * head)
 
 @triton.jit
+def _online_softmax_update(acc, m_i, l_i, s, v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """One key block of the online softmax (FlashAttention-2, Alg. 1) -> the new (acc, m_i, l_i).
+
+    s (BM, BN): this block's scores in log2 units, -inf where masked; v (BN, D): its values.
+    m_i (BM,): running max of the scores so far; l_i (BM,): running sum of 2^(s - m_i);
+    acc (BM, D) fp32: running sum of 2^(s - m_i) @ v. Whatever was summed against an older max is
+    rescaled by 2^(m_old - m_new), so that at the end acc / l_i = softmax(s) @ v over all blocks.
+    p goes into tl.dot rounded to DTYPE (the tensor-core input type), as a GPU computes it."""
+    # assignment: online_softmax: rescale l_i and acc to the new running max, then add this block's 2^(s - max)
+    m_new = tl.maximum(m_i, tl.max(s, 1))                                # (BM,) running max
+    alpha = tl.exp2(m_i - m_new)                                         # rescales what came before
+    p = tl.exp2(s - m_new[:, None])                                      # (BM, BN)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(_round_to(p, DTYPE, INTERPRETED), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+    # end assignment: online_softmax
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K_head, V_head, start, end, offs_m, T, G, shift, stride_kt, stride_vt,
                scale_log2, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                INTERPRETED: tl.constexpr, PRECISION: tl.constexpr):
@@ -237,12 +259,7 @@ def _fwd_inner(acc, m_i, l_i, q, K_head, V_head, start, end, offs_m, T, G, shift
         if MASKED:   # key <= query, and the same group (keys past T fail the first test)
             keep = (offs_n[None, :] <= offs_m[:, None]) & (_group_of(offs_n, G, shift)[None, :] == q_group[:, None])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                                # (BM,) running max
-        alpha = tl.exp2(m_i - m_new)                                         # rescales what came before
-        p = tl.exp2(s - m_new[:, None])                                      # (BM, BN)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(_round_to(p, DTYPE, INTERPRETED), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, s, v, DTYPE, INTERPRETED, PRECISION)
     return acc, m_i, l_i
 
 

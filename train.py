@@ -414,10 +414,12 @@ def make_optimizer(model: JMLR, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup for warmup_steps, then cosine decay to min_lr_ratio at the last step."""
+    # assignment: lr_schedule: (step + 1) / warmup_steps during warmup, then cosine from 1 to min_lr_ratio at cfg.steps
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    # end assignment: lr_schedule
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from jmlr import (JMLR, Example, JMLRConfig, OptionHead, format_target, rank_loss, sample_documents,
+from jmlr import (JMLR, Example, JMLRConfig, OptionHead, format_target, pad_batch, rank_loss, sample_documents,
                   tokenize_example)
 from llama import Llama, LlamaConfig
 from test_retriever import VOCAB, tiny_bert
@@ -18,6 +19,7 @@ class ByteTokenizer:
         return ([1] if bos is None else []) + [3 + b % 250 for b in text.encode()] + ([2] if eos else [])
 
 
+@pytest.mark.rank_loss
 def test_rank_loss_hand_computed_gradient_sign_and_ties():
     s = torch.tensor([[2.0, 1.0, 0.5]], requires_grad=True)
     l = torch.tensor([[0.3, 0.1, 0.3]])           # doc 1 is best; docs 0 and 2 tie
@@ -25,35 +27,56 @@ def test_rank_loss_hand_computed_gradient_sign_and_ties():
     sig = lambda x: 1 / (1 + math.exp(-x))        # noqa: E731
     expected = (-math.log(1 - sig(2.0 - 1.0)) - math.log(sig(1.0 - 0.5))) / 2
     loss = rank_loss(s, l, tau_rank=1.0)
-    assert abs(loss.item() - expected) < 1e-6
+    assert loss.dim() == 0, f"rank_loss must be a scalar, got shape {tuple(loss.shape)}"
+    assert abs(loss.item() - expected) < 1e-6, f"rank_loss = {loss.item():.6f}, expected {expected:.6f} (BCE of " \
+        "pairs (0, 1) and (1, 2), averaged; the tie (0, 2) does not count)"
     loss.backward()
     assert s.grad[0, 1] < 0, "the document with the lowest LLM loss must be pushed up"
     s2 = torch.tensor([[2.0, 1.0, 0.7]], requires_grad=True)   # moving the tie partner of doc 0 alone...
     rank_loss(s2, l).backward()
-    assert torch.allclose(s.grad[0, 0], s2.grad[0, 0])         # ...leaves doc 0's gradient unchanged
-    assert rank_loss(torch.zeros(2, 3, requires_grad=True), torch.ones(2, 3)).item() == 0.0   # all ties
+    assert torch.allclose(s.grad[0, 0], s2.grad[0, 0]), "a tie must not contribute to the gradient"
+    all_ties = rank_loss(torch.zeros(2, 3, requires_grad=True), torch.ones(2, 3))
+    assert all_ties.item() == 0.0 and all_ties.requires_grad, "with only ties the loss is a 0 that keeps the graph"
+    # tau_rank divides the score differences
+    half = (-math.log(1 - sig(0.5)) - math.log(sig(0.25))) / 2
+    assert rank_loss(s, l, tau_rank=2.0).item() == pytest.approx(half, abs=1e-6), "tau_rank=2 must halve s_a - s_b"
+    # a batch: the mean is over all pairs of all questions (2 pairs in the first, 3 in the second)
+    s_b = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    l_b = torch.tensor([[0.2, 0.5, 0.5], [0.1, 0.2, 0.3]])      # question 0: pairs (0,1), (0,2); (1,2) ties
+    bce = [-math.log(sig(1.0)), -math.log(sig(1.0)), -math.log(sig(-1.0)), -math.log(sig(-3.0)), -math.log(sig(-2.0))]
+    got = rank_loss(s_b, l_b).item()
+    assert got == pytest.approx(sum(bce) / 5, abs=1e-6), f"batched rank_loss {got:.6f} != the mean over the " \
+        f"5 pairs that exist ({sum(bce) / 5:.6f})"
 
 
+@pytest.mark.sampling
 def test_sampling_without_replacement_matches_softmax_and_is_seeded():
     scores = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
     g = torch.Generator().manual_seed(0)
     draws = torch.cat([sample_documents(scores.expand(1000, 4), 3, tau=0.5, generator=g) for _ in range(10)])
+    assert draws.shape == (10000, 3), f"sample_documents must return (B, m) indices, got {tuple(draws.shape)}"
     assert all(len(set(row)) == 3 for row in draws.tolist()), "a document was drawn twice"
     first = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)    # the first draw is the softmax
     expected = torch.softmax(scores[0] / 0.5, dim=0)
-    assert (first - expected).abs().max() < 0.02      # 10,000 draws: 3 standard errors is about 0.015
+    assert (first - expected).abs().max() < 0.02, f"first draws {first.tolist()} do not follow softmax(s / tau) " \
+        f"= {expected.tolist()}"      # 10,000 draws: 3 standard errors is about 0.015
     a = sample_documents(scores, 2, 1.0, generator=torch.Generator().manual_seed(3))
     b = sample_documents(scores, 2, 1.0, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+    assert torch.equal(a, b), "the same generator seed must draw the same documents (pass `generator` on)"
+    s = scores.clone().requires_grad_()
+    assert not sample_documents(s, 2, 1.0).requires_grad, "the draw takes no gradient"
 
 
+@pytest.mark.sampling
 def test_minmax_scaling_makes_sampling_nearly_uniform():
     scores = torch.tensor([[30.0, 10.0, 0.0]])         # MaxSim scores are tens of units apart
     g = torch.Generator().manual_seed(0)
     draws = sample_documents(scores.expand(20000, 3), 1, tau=1.0, minmax_scale=True, generator=g)[:, 0]
     freq = torch.bincount(draws, minlength=3).float() / 20000
-    assert torch.allclose(freq, torch.softmax(torch.tensor([1.0, -1 / 3, -1.0]), 0), atol=0.02)
-    assert freq.min() > 0.1                            # without scaling doc 2 would never be drawn
+    want = torch.softmax(torch.tensor([1.0, -1 / 3, -1.0]), 0)   # 30, 10, 0 scaled to [-1, 1]
+    assert torch.allclose(freq, want, atol=0.02), f"with minmax_scale the draws {freq.tolist()} must follow " \
+        f"softmax of the scores scaled to [-1, 1], {want.tolist()}"
+    assert freq.min() > 0.1, f"draws {freq.tolist()}: with minmax_scale every document is drawn (>10%)"
 
 
 @pytest.fixture
@@ -79,6 +102,41 @@ def test_batched_per_document_losses_equal_one_at_a_time(joint):
         together = model.llm_losses(rows)
         alone = torch.cat([model.llm_losses([r]) for r in rows])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+class PromptMeanLM(nn.Module):
+    """A stand-in LLM for JMLR.llm_losses: the "loss" of a row is the mean of a learned value per
+    token over its non-pad tokens, so it depends on the document in the prompt, ignores right
+    padding (pad id 0; ByteTokenizer never makes 0), and would carry a gradient. Counts its calls."""
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(256, 1)
+        self.calls = 0
+
+    def sequence_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        real = (tokens != 0).float()                                         # (B, T)
+        return (self.embed_tokens(tokens)[..., 0] * real).sum(1) / real.sum(1)   # (B,)
+
+
+@pytest.mark.doc_losses
+def test_document_losses_score_each_sampled_document_alone():
+    """losses[b, j] is the LLM loss of question b's prompt with candidate picked[b, j] alone, all B * m
+    rows in one call, without gradients. A stand-in LLM: the assignment's code alone is graded."""
+    batch = [Example(f"question {b}?", {"A": "x", "B": "y"}, format_target("A", "x"),
+                     [f"document {b}.{j} " + "long " * (3 * j) for j in range(5)]) for b in range(3)]
+    model = JMLR(PromptMeanLM(), None, ByteTokenizer(), JMLRConfig(max_doc_tokens=30))
+    picked = torch.tensor([[4, 0], [2, 3], [0, 1]])                          # (B, m) = (3, 2)
+    losses = model.document_losses(batch, picked)
+    assert losses.shape == (3, 2), f"document_losses must be (B, m) = (3, 2), got {tuple(losses.shape)}"
+    assert not losses.requires_grad, "the per-document losses are computed without gradients (step 3)"
+    assert model.llm.calls == 1, f"the LLM ran {model.llm.calls} times: all B * m rows go in one padded batch"
+    for b, ex in enumerate(batch):
+        for j, i in enumerate(picked[b].tolist()):
+            row = tokenize_example(model.tok, [ex.candidates[i]], ex.question, ex.options, ex.target, 30)
+            alone = model.llm.sequence_loss(*pad_batch([row], 0, "cpu")).item()
+            assert losses[b, j].item() == pytest.approx(alone, abs=1e-6), \
+                f"losses[{b}, {j}] is not the loss of question {b} with its candidate {i} alone in the prompt"
 
 
 def test_joint_loss_reaches_both_models_and_generation_loss_only_the_llm(joint):
@@ -118,11 +176,13 @@ def test_labels_cover_the_target_only():
     assert tokens[1:9] == tok.encode("Document: doc one\n", bos=False)[:7] + nl   # cut to 8 tokens, newline kept
 
 
+@pytest.mark.rank_loss
 def test_tie_margin_turns_near_ties_into_ties():
     s = torch.tensor([[2.0, 1.0, 0.5]])
     l = torch.tensor([[0.3, 0.1, 0.3]])          # pairs (0,1) and (1,2) differ by 0.2 nats
-    assert rank_loss(s, l, tie_margin=0.25).item() == 0.0
-    assert rank_loss(s, l, tie_margin=0.15).item() == pytest.approx(rank_loss(s, l).item())
+    assert rank_loss(s, l, tie_margin=0.25).item() == 0.0, "pairs within tie_margin are ties and do not count"
+    assert rank_loss(s, l, tie_margin=0.15).item() == pytest.approx(rank_loss(s, l).item()), \
+        "pairs that differ by more than tie_margin count as without a margin"
 
 
 def test_option_head_points_at_the_option_the_answer_state_matches():

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from llama import (Llama, LlamaConfig, LoraConfig, Tokenizer, add_lora, merge_lora, sample_next,
-                   sequence_nll)
+from llama import (Llama, LlamaConfig, LoraConfig, RMSNorm, Tokenizer, add_lora, apply_rope, merge_lora,
+                   rope_cos_sin, rope_inv_freq, sample_next, sequence_nll)
 
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=512)
@@ -76,6 +77,94 @@ def test_gradients_match_transformers(tmp_path):
     for n, p in ours.named_parameters():
         diff = (p.grad - hf_grads[n]).abs().max().item()
         assert diff <= 1e-5, f"gradient of {n} differs from transformers by {diff:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The building blocks alone: the assignments rmsnorm and rope (make_assignment.py)
+
+@pytest.mark.rmsnorm
+def test_rmsnorm_hand_computed_and_against_transformers():
+    norm = RMSNorm(4, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])                      # mean of squares 30 / 4 = 7.5
+    out = norm(x)
+    assert out.shape == x.shape, f"RMSNorm changed the shape: {tuple(out.shape)} != {tuple(x.shape)}"
+    expected = x / math.sqrt(7.5 + 1e-5) * norm.weight
+    assert torch.allclose(out, expected, atol=1e-6), \
+        f"RMSNorm([1, 2, 3, 4]) = {out.tolist()}, expected x / sqrt(mean(x^2) + eps) * weight = {expected.tolist()}"
+    # transformers' LlamaRMSNorm: values and gradients (input and weight) on a (B, T, C) batch
+    ours, hf = RMSNorm(64, eps=1e-6), LlamaRMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        hf.weight.copy_(ours.weight)
+    x = (3 * torch.randn(2, 5, 64)).requires_grad_()
+    grad_out = torch.randn(2, 5, 64)
+    a, b = ours(x), hf(x)
+    assert (a - b).abs().max() <= 1e-5, f"RMSNorm differs from transformers' by {(a - b).abs().max():.2e}"
+    ga = torch.autograd.grad(a, (x, ours.weight), grad_out)
+    gb = torch.autograd.grad(b, (x, hf.weight), grad_out)
+    for name, u, w in zip(("input", "weight"), ga, gb):
+        assert torch.allclose(u, w, atol=1e-5), f"RMSNorm's gradient for the {name} differs from transformers'"
+    # bf16 in, bf16 out, computed in fp32 and rounded once: then (nearly) every output is the exact
+    # value correctly rounded; computed in bf16, 20-55% of them are not
+    x16 = 3 * torch.randn(4, 512).bfloat16()
+    out16 = RMSNorm(512, eps=1e-6).bfloat16()(x16)
+    assert out16.dtype == torch.bfloat16, f"RMSNorm must return its input's dtype: got {out16.dtype} for bfloat16"
+    exact = (x16.double() / x16.double().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).bfloat16()
+    wrong = (out16 != exact).float().mean().item()
+    assert wrong <= 0.01, f"RMSNorm in bf16: {wrong:.0%} of outputs are not the exact value rounded; compute in fp32"
+
+
+@pytest.mark.rope
+def test_rope_tables_and_rotation_against_transformers():
+    """rope_cos_sin against transformers' LlamaRotaryEmbedding (plain and llama3-scaled frequencies)
+    and apply_rope against its apply_rotary_pos_emb, on positions past the llama3 context."""
+    for name in ("llama2-mha-untied", "llama3-rope-scaling"):
+        cfg = LlamaConfig(**{**SMALL, **CONFIGS[name]})
+        positions = torch.arange(300)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+        D = cfg.head_dim
+        assert cos.shape == sin.shape == (300, D), f"{name}: cos, sin must be (T, D) = (300, {D}), got " \
+            f"{tuple(cos.shape)}, {tuple(sin.shape)}"
+        assert cos.dtype == sin.dtype == torch.float32, f"{name}: the tables must be fp32, got {cos.dtype}"
+        hf_cos, hf_sin = LlamaRotaryEmbedding(HFConfig(**{**SMALL, **CONFIGS[name]}))(torch.zeros(1), positions[None])
+        for table, ours, theirs in (("cos", cos, hf_cos[0]), ("sin", sin, hf_sin[0])):
+            diff = (ours - theirs).abs().max().item()
+            assert diff <= 1e-5, f"{name}: the {table} table differs from transformers' by {diff:.2e}"
+        q, k = torch.randn(2, 4, 300, D), torch.randn(2, 2, 300, D)
+        hf_q, hf_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+        for which, x, theirs in (("q", q, hf_q), ("k", k, hf_k)):
+            out = apply_rope(x, cos, sin)
+            assert out.shape == x.shape, f"apply_rope changed the shape of {which}: {tuple(out.shape)}"
+            assert (out - theirs).abs().max() <= 1e-5, f"{name}: apply_rope({which}) differs from transformers'"
+
+
+@pytest.mark.rope
+def test_rope_hand_computed_and_relative():
+    """D = 4: dimension i pairs with i + 2 and turns by position * inv_freq[i]. Then the property
+    RoPE exists for: q.k after rotation depends on the positions' difference only."""
+    inv_freq = torch.tensor([1.0, 0.5])
+    cos, sin = rope_cos_sin(torch.tensor([0, 3]), inv_freq)
+    want_cos = torch.tensor([[1.0, 1.0, 1.0, 1.0], [math.cos(3), math.cos(1.5), math.cos(3), math.cos(1.5)]])
+    assert torch.allclose(cos, want_cos, atol=1e-6), f"cos table for positions 0, 3: {cos.tolist()} != " \
+        f"{want_cos.tolist()} (angle = position * inv_freq, repeated for both halves)"
+    assert torch.allclose(sin, torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.sin(3), math.sin(1.5), math.sin(3),
+                                                                  math.sin(1.5)]]), atol=1e-6), f"sin table {sin}"
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    out = apply_rope(x, cos[1:], sin[1:]).flatten().tolist()
+    c1, s1, c2, s2 = math.cos(3), math.sin(3), math.cos(1.5), math.sin(1.5)
+    want = [1 * c1 - 3 * s1, 2 * c2 - 4 * s2, 3 * c1 + 1 * s1, 4 * c2 + 2 * s2]   # (x_i, x_i+2) rotated
+    assert out == pytest.approx(want, abs=1e-6), f"apply_rope([1, 2, 3, 4]) at position 3 = {out}, expected {want}"
+    assert apply_rope(x, cos[:1], sin[:1]).flatten().tolist() == [1.0, 2.0, 3.0, 4.0], "position 0 must not rotate"
+    # relative positions: <R(m) q, R(n) k> is the same for (m, n) = (7, 2) and (12, 7)
+    cos, sin = rope_cos_sin(torch.arange(13), rope_inv_freq(LlamaConfig(head_dim=16)))
+    q, k = torch.randn(1, 1, 13, 16), torch.randn(1, 1, 13, 16)
+    q[:, :, 12], k[:, :, 7] = q[:, :, 7], k[:, :, 2]
+    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    a, b = (rq[0, 0, 7] @ rk[0, 0, 2]).item(), (rq[0, 0, 12] @ rk[0, 0, 7]).item()
+    assert a == pytest.approx(b, abs=1e-4), f"q.k after RoPE depends on absolute positions: {a:.5f} != {b:.5f}"
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5), "RoPE must be a rotation (keep norms)"
 
 
 # ------------------------------------------------------------------------------------------------

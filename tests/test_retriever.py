@@ -127,34 +127,67 @@ def test_bad_checkpoints(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # ColBERT conventions, MaxSim, loss
 
+@pytest.mark.masks
 def test_query_and_document_tokens_follow_colbert(tmp_path):
     _, ckpt = tiny_bert(tmp_path)
     tok = ColBERT.from_pretrained(ckpt, ColBERTConfig(query_maxlen=8, doc_maxlen=6)).tokenizer
     v = {w: i for i, w in enumerate(VOCAB)}
-    ids, attend = tok.queries(["aspirin dose ?"])
+    ids, attend = tok.queries(["aspirin dose ?", "fever"])
+    assert ids.shape == attend.shape == (2, 8), f"queries must be (Nq, query_maxlen) = (2, 8), got {tuple(ids.shape)}"
     assert ids[0].tolist() == [v["[CLS]"], v["[unused0]"], v["aspirin"], v["dose"], v["?"], v["[SEP]"],
-                               v["[MASK]"], v["[MASK]"]]
-    assert attend[0].tolist() == [True] * 6 + [False] * 2          # [MASK] padding is not attended
+                               v["[MASK]"], v["[MASK]"]], f"query ids {ids[0].tolist()}: pad with [MASK], not [PAD]"
+    assert attend[0].tolist() == [True] * 6 + [False] * 2, f"query attention {attend[0].tolist()}: [MASK] padding " \
+        "is not attended"
+    assert attend.dtype == torch.bool, f"the query attention mask must be bool, got {attend.dtype}"
+    assert ids[1].tolist()[3:] == [v["[SEP]"]] + [v["[MASK]"]] * 4, "every query is padded to query_maxlen"
     ids, attend, score = tok.docs(["heart , lung . kidney liver blood", "fever"])
-    assert ids[0].tolist() == [v["[CLS]"], v["[unused1]"], v["heart"], v[","], v["lung"], v["[SEP]"]]  # truncated
-    assert score[0].tolist() == [True, True, True, False, True, True]   # punctuation not scored
+    assert ids.shape == attend.shape == score.shape == (2, 6), f"documents: (Nd, longest) = (2, 6), got {ids.shape}"
+    assert ids[0].tolist() == [v["[CLS]"], v["[unused1]"], v["heart"], v[","], v["lung"], v["[SEP]"]], \
+        f"document ids {ids[0].tolist()}: [CLS] [D] text cut to doc_maxlen - 3 tokens [SEP]"
+    assert score[0].tolist() == [True, True, True, False, True, True], f"score mask {score[0].tolist()}: " \
+        "punctuation is not scored"
     assert ids[1].tolist()[:4] == [v["[CLS]"], v["[unused1]"], v["fever"], v["[SEP]"]]
-    assert attend[1].tolist() == score[1].tolist() == [True] * 4 + [False] * 2   # padding
+    assert ids[1].tolist()[4:] == [v["[PAD]"]] * 2, f"document ids {ids[1].tolist()}: pad with [PAD]"
+    assert attend[1].tolist() == score[1].tolist() == [True] * 4 + [False] * 2, \
+        f"attention {attend[1].tolist()}, score {score[1].tolist()}: padding is neither attended nor scored"
     tok.cfg.mask_punctuation = False
     _, attend, score = tok.docs(["heart , lung"])
-    assert torch.equal(attend, score)
+    assert torch.equal(attend, score), "with mask_punctuation=False every attended token is scored"
 
 
+@pytest.mark.maxsim
 def test_maxsim_equals_loop_reference():
     Q, D = F.normalize(torch.randn(3, 5, 8), dim=-1), F.normalize(torch.randn(4, 7, 8), dim=-1)
     q_mask, d_mask = torch.rand(3, 5) > 0.3, torch.rand(4, 7) > 0.3
     q_mask[:, 0] = d_mask[:, 0] = True
     ref = maxsim_reference(Q, q_mask, D, d_mask)
-    assert torch.allclose(maxsim(Q, q_mask, D, d_mask), ref, atol=1e-6)
+    scores = maxsim(Q, q_mask, D, d_mask)
+    assert scores.shape == (3, 4), f"all pairs: maxsim must be (Nq, Nd) = (3, 4), got {tuple(scores.shape)}"
+    assert torch.allclose(scores, ref, atol=1e-6), f"all pairs: maxsim differs from the loop reference by " \
+        f"{(scores - ref).abs().max():.2e}"
     # candidate lists: query a against its own list of documents
     cands = torch.tensor([[0, 2], [3, 1], [1, 1]])
     scores = maxsim(Q, q_mask, D[cands], d_mask[cands])                   # (3, 2)
-    assert torch.allclose(scores, ref.gather(1, cands), atol=1e-6)
+    assert scores.shape == (3, 2), f"candidate lists: maxsim must be (Nq, Nc) = (3, 2), got {tuple(scores.shape)}"
+    assert torch.allclose(scores, ref.gather(1, cands), atol=1e-6), \
+        "candidate lists (D of shape (Nq, Nc, Ld, d)): maxsim differs from the loop reference"
+
+
+@pytest.mark.maxsim
+def test_maxsim_hand_computed_masks_and_gradient():
+    Q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]], requires_grad=True)   # 1 query, 3 tokens, d = 2
+    q_mask = torch.tensor([[True, True, False]])                    # query token 2 does not count
+    D = torch.tensor([[[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]])        # 1 document, 3 tokens
+    d_mask = torch.tensor([[True, True, False]])                    # document token 2 (q0's perfect match) is out
+    # q0: max(0.8, 0.0) = 0.8 (not the masked 1.0); q1: max(0.6, 1.0) = 1.0; q2 does not count
+    score = maxsim(Q, q_mask, D, d_mask)
+    assert score.shape == (1, 1), f"maxsim of 1 query and 1 document must be (1, 1), got {tuple(score.shape)}"
+    assert score.item() == pytest.approx(1.8), f"maxsim = {score.item():.4f}, expected 0.8 + 1.0 = 1.8 (a masked " \
+        "document token never wins the max, a masked query token adds nothing)"
+    score.sum().backward()
+    want = torch.tensor([[0.8, 0.6], [0.0, 1.0], [0.0, 0.0]])      # d score / d Q[i] = D[best j], 0 if masked
+    assert torch.allclose(Q.grad[0], want), f"gradient {Q.grad[0].tolist()}, expected {want.tolist()}: each " \
+        "counted query token gets its best document token's embedding"
 
 
 def test_scores_are_invariant_to_padding(tmp_path):

@@ -48,6 +48,14 @@ def group_of(i: int, G: int, shifted: bool) -> int:
 # ----------------------------------------------------------------------------------------------
 # The reference's mask
 
+def loop_mask(T: int, G: int, H: int) -> torch.Tensor:
+    """(H, T, T) from DESIGN.md's words, with loops: the last H//2 heads shifted (unless G >= T)."""
+    shifted = [h >= H - H // 2 and G < T for h in range(H)]
+    return torch.tensor([[[j <= i and group_of(j, G, s) == group_of(i, G, s) for j in range(T)] for i in range(T)]
+                         for s in shifted])
+
+
+@pytest.mark.s2attn_mask
 def test_mask_matches_hand_written_groups():
     # T=8, G=4: plain groups {0..3} {4..7}; shifted by 2: {0,1} {2..5} {6,7} (half-size at both ends)
     expected = torch.zeros(2, 8, 8, dtype=torch.bool)
@@ -56,7 +64,19 @@ def test_mask_matches_hand_written_groups():
             for i in g:
                 for j in g:
                     expected[h, i, j] = j <= i
-    assert torch.equal(s2_mask(8, 4, 2), expected)
+    mask = s2_mask(8, 4, 2)
+    assert mask.shape == (2, 8, 8) and mask.dtype == torch.bool, f"s2_mask must be (H, T, T) bool, got " \
+        f"{tuple(mask.shape)} {mask.dtype}"
+    assert torch.equal(mask[0], expected[0]), f"unshifted head, T=8, G=4: groups {{0..3}} {{4..7}}, causal; " \
+        f"got\n{mask[0].int()}"
+    assert torch.equal(mask[1], expected[1]), f"shifted head, T=8, G=4: groups {{0,1}} {{2..5}} {{6,7}}, causal " \
+        f"(no wrap-around); got\n{mask[1].int()}"
+    # ragged T, odd H (the extra head is unshifted), one group (G >= T: plain causal attention for every head)
+    for T, G, H in ((10, 4, 3), (13, 6, 4), (12, 12, 2), (9, 16, 2)):
+        got, want = s2_mask(T, G, H), loop_mask(T, G, H)
+        for h in range(H):
+            assert torch.equal(got[h], want[h]), f"T={T}, G={G}, H={H}: head {h} differs from the loop " \
+                f"definition (rows: queries, columns: keys)\n{got[h].int()}\nexpected\n{want[h].int()}"
     # which heads shift: the last H//2 (odd H: the extra head is unshifted; one head never shifts)
     assert s2.shifted_heads(4).tolist() == [False, False, True, True]
     assert s2.shifted_heads(3).tolist() == [False, False, True]
@@ -159,6 +179,29 @@ def test_forward_output_ignores_later_tokens_and_other_groups():
         for h in range(H):
             sees_j = torch.stack([allowed_keys(i, T, G, heads=[h])[j] for i in range(T)])
             assert torch.equal(changed[0, h], sees_j), f"key {j}, head {h}: changed rows {changed[0, h].nonzero()}"
+
+
+@pytest.mark.online_softmax
+def test_forward_kernel_matches_a_dense_softmax():
+    """The forward kernel's online softmax, block by block, against one dense softmax over the keys
+    each query may see (loop_mask, not s2_mask). Blocks of 16 and G = 24: every query row meets
+    several key blocks, some of them wholly masked, so the running max and sum must be rescaled. The
+    gradients check the log-sum-exp that the forward pass saves for the backward kernels."""
+    B, H, Hkv, T, D, G = 1, 4, 2, 72, 16, 24
+    q, k, v = make_qkv(B, H, Hkv, T, D)
+    grad_out = torch.randn(B, H, T, D)
+
+    def dense(q, k, v):
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)   # (B, H, T, D)
+        scores = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(~loop_mask(T, G, H), float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v                                             # (B, H, T, D)
+
+    got = output_and_grads(lambda *x: s2_attention(*x, G, block_sizes=(16, 16)), q, k, v, grad_out)
+    want = output_and_grads(dense, q, k, v, grad_out)
+    assert got[0].shape == q.shape, f"the kernel's output must be (B, H, T, D) = {tuple(q.shape)}, got {got[0].shape}"
+    for name, a, b in zip(("out", "dq (via the saved log-sum-exp)", "dk", "dv"), got, want):
+        diff = (a - b).abs().max().item()
+        assert diff <= 3e-5, f"{name}: the kernel differs from a dense softmax by {diff:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------

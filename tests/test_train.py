@@ -1,6 +1,8 @@
 """train.py: config overrides, schedule, optimizer groups, torchrun equivalence, exact resume, the demo."""
 
+import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -59,12 +61,23 @@ def test_overrides_are_typed_and_unknown_keys_refused():
         train.parse_args(["--preset=llama2-7b"])
 
 
+@pytest.mark.lr_schedule
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
     cfg = train.TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
-    assert train.lr_factor(0, cfg) == pytest.approx(0.1) and train.lr_factor(9, cfg) == pytest.approx(1.0)
-    assert train.lr_factor(10, cfg) == pytest.approx(1.0)
-    assert train.lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)     # half-way: cos(pi/2) = 0
-    assert train.lr_factor(110, cfg) == pytest.approx(0.1)
+    f = [train.lr_factor(step, cfg) for step in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0), \
+        f"warmup: steps 0, 4, 9 of 10 must give (step + 1) / 10 = 0.1, 0.5, 1.0; got {f[0]}, {f[4]}, {f[9]}"
+    assert f[10] == pytest.approx(1.0), f"the decay starts at the peak: step 10 gives {f[10]}, expected 1.0"
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5), f"half-way through the decay cos(pi/2) = 0: step 60 gives " \
+        f"{f[60]}, expected 0.1 + 0.9 * 0.5"
+    assert f[35] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))), f"a quarter of the way: {f[35]}"
+    assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1), \
+        f"the last step and any after it stay at min_lr_ratio 0.1: got {f[110]}, {f[119]}"
+    assert all(a >= b for a, b in itertools.pairwise(f[10:])), "after warmup the factor must never rise"
+    no_warmup = train.TrainConfig(steps=5, warmup_steps=0, min_lr_ratio=0.0)
+    assert train.lr_factor(0, no_warmup) == pytest.approx(1.0), "without warmup the first step is at the peak"
+    assert train.lr_factor(3, train.TrainConfig(steps=3, warmup_steps=3)) == pytest.approx(1.0), \
+        "warmup_steps == steps: the decay starts at the peak, with no steps to decay over (and no ZeroDivisionError)"
 
 
 @pytest.fixture(scope="module")

@@ -295,9 +295,14 @@ def corpus_file(path: str, cache: Path) -> Path:
     return out
 
 
-def open_index(model: rt.ColBERT, corpus: Path, cache: Path, rank: int) -> rt.Index:
-    """An index of the corpus built with this retriever, cached by encoder and corpus fingerprint
+def open_index(model: rt.ColBERT, corpus: Path | None, cache: Path, rank: int, index: str | None = None) -> rt.Index:
+    """`index` when given (built by `retriever.py index` with this very retriever, which is checked),
+    else an index of the corpus built with this retriever, cached by encoder and corpus fingerprint
     (rank 0 builds it, the others wait)."""
+    if index:
+        found = rt.Index(index)
+        found.check_encoder(model)
+        return found
     index_dir = cache / f"index-{model.fingerprint()[:16]}-{rt.file_sha256(corpus)[:12]}"
     if rank == 0:
         rt.build_index(model, corpus, index_dir)
@@ -545,6 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retriever", nargs="+", default=["none"],
                    help="none, trained (the checkpoint's own), minilm, or a BERT/ColBERT directory; several side by side")
     p.add_argument("--corpus", default=None, help="documents: jsonl {id, contents|content}, .tsv, or a PubMedQA .json")
+    p.add_argument("--index", default=None, help="a built index (retriever.py index) to search instead of indexing --corpus; "
+                   "it must have been built with the retriever evaluated")
     p.add_argument("--candidates", default=None,
                    help="re-score these candidate lists (retriever.py candidates) instead of searching the whole corpus")
     p.add_argument("--mode", nargs="+", choices=("likelihood", "generate"), default=["likelihood"])
@@ -576,8 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.benchmarks and not args.ask:
         p.error("give one or more benchmark files, or --ask")
-    if any(s != "none" for s in args.retriever) and not args.corpus:
-        p.error("a retriever needs --corpus (the documents to retrieve from)")
+    if any(s != "none" for s in args.retriever) and not (args.corpus or args.index and not args.candidates):
+        p.error("a retriever needs --corpus (the documents to retrieve from; --index instead also works without "
+                "--candidates)")
     return args
 
 
@@ -605,7 +613,7 @@ def ask(args, device: torch.device, dtype: torch.dtype, cache: Path):
     options = dict(zip(string.ascii_uppercase, args.options))
     ex, docs = Example(args.ask, options, "", [], None, ""), []
     if model.retriever is not None:
-        index = open_index(model.retriever, corpus_file(args.corpus, cache), cache, 0)
+        index = open_index(model.retriever, args.corpus and corpus_file(args.corpus, cache), cache, 0, args.index)
         with torch.no_grad():
             scores, found = index.search(*model.retriever.encode_queries([args.ask]), k)
         for i, (s, d) in enumerate(zip(scores[0].tolist(), found[0].tolist()), start=1):
@@ -642,7 +650,7 @@ def main(argv: list[str] | None = None):
     for llm_path in args.llm:
         for spec in args.retriever:
             model, k, depth = build(args, llm_path, spec, device, dtype)
-            index = open_index(model.retriever, corpus, cache, rank) if model.retriever and not candidates else None
+            index = open_index(model.retriever, corpus, cache, rank, args.index) if model.retriever and not candidates else None
             ks = tuple(range(11)) if args.sweep else (k,)
             for mode in args.mode:
                 settings = Settings(mode, ks, max(depth, max(ks)), args.batch_size, args.rationale,

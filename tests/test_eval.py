@@ -163,6 +163,16 @@ def test_retrieval_metrics_and_sweep(files):
     assert swept[7]["recall@7"] == 1.0
 
 
+def test_a_built_index_can_be_given_instead_of_the_corpus(files, tmp_path):
+    model = rt.ColBERT.from_pretrained(files["retriever"]).eval()
+    rt.build_index(model, files["corpus"], tmp_path / "index")
+    out = tmp_path / "out.json"
+    ev.main([str(files["qa"]), "--llm", str(files["llm"]), "--retriever", str(files["retriever"]), "--index",
+             str(tmp_path / "index"), "--cache", str(tmp_path), "--out", str(out)])
+    row = json.loads(out.read_text())["results"][0]
+    assert (row["recall@1"], row["mrr"]) == (1.0, 1.0), f"search of the given index: {row}"
+
+
 def test_candidate_lists_are_rescored_by_the_retriever(files):
     """--candidates: each list holds the gold document last; re-scored as in training, it comes first."""
     path = files["dir"] / "candidates.jsonl"

@@ -212,7 +212,7 @@ def main(argv: list[str]):
     except ValueError as e:
         sys.exit(f"make_assignment.py: {e}")
     names = sorted({r.name for r in chosen})
-    print(f"{args.out}: {len(chosen)} bodies blank, assignments {', '.join(names)}")
+    print(f"{args.out}: {len(chosen)} function bod{'y' if len(chosen) == 1 else 'ies'} blank, assignments {', '.join(names)}")
     print(f"grade them with: cd {args.out} && python -m pytest -m \"{' or '.join(names)}\"")
 
 

@@ -415,12 +415,12 @@ def answer_batch(model: JMLR, records: list[rt.QARecord], examples: list[Example
             docs = top[k][i]
             if settings.mode == "likelihood":
                 pred = list(ex.options)[int(option_losses(model, ex, docs).argmin())]
-                res[k] = {"correct": pred == ex.answer}
+                res[k] = {"correct": pred == ex.answer, "pred": pred}
             else:
                 budget = settings.max_new_tokens or (192 if settings.rationale else 16)
                 text = generate_answer(model, ex, docs, budget, stop_at_newline=not settings.rationale)
                 pred = extract_letter(text, ex.options)
-                res[k] = {"correct": pred == ex.answer, "parsed": pred is not None, "text": text}
+                res[k] = {"correct": pred == ex.answer, "pred": pred, "parsed": pred is not None, "text": text}
                 if settings.rationale:
                     why = rationale_of(text)
                     res[k]["support"] = term_support(why, docs) if docs else None
@@ -456,6 +456,7 @@ def summarize(results: list[dict], k: int, mode: str) -> dict:
     and retrieval metrics for the results at k documents."""
     at_k = [res.get(k, res.get(0)) for res in results]
     out = accuracy_summary([a["correct"] for a in at_k])
+    out["predicted"] = dict(sorted(Counter(str(a["pred"]) for a in at_k).items()))   # a constant answerer shows here
     subjects = defaultdict(list)
     for res, a in zip(results, at_k):
         if res["subject"]:

@@ -105,6 +105,7 @@ def test_accuracy_subjects_and_intervals_by_hand(files):
     assert record["by_subject"]["pharm"]["accuracy"] == pytest.approx(2 / 3), "per-subject accuracy (pharm)"
     assert record["by_subject"]["micro"]["accuracy"] == pytest.approx(1 / 3), "per-subject accuracy (micro)"
     assert record["subject_mean"] == pytest.approx(0.5), "the mean of the subjects' accuracies"
+    assert record["predicted"] == {"B": 6}, "the bigram model answers B to everything"
 
 
 def test_wilson_interval_matches_published_values():
@@ -133,10 +134,11 @@ def test_extract_letter(text, options, letter):
 
 def test_unparsed_share_and_rationale_scores_are_averaged_by_hand():
     results = [{"subject": None, "gold": False, "retrieved": False,
-                0: {"correct": c, "parsed": p, "f1": f}} for c, p, f in [(True, True, 0.5), (False, False, None),
-                                                                         (False, True, 0.1), (True, True, 0.3)]]
+                0: {"correct": c, "pred": x, "parsed": x is not None, "f1": f}}
+               for c, x, f in [(True, "A", 0.5), (False, None, None), (False, "B", 0.1), (True, "A", 0.3)]]
     s = ev.summarize(results, 0, "generate")
     assert s["unparsed"] == 1 / 4 and s["accuracy"] == 2 / 4, "unparsed share / accuracy"
+    assert s["predicted"] == {"A": 2, "B": 1, "None": 1}, "how often each answer was given"
     assert s["rationale_f1"] == pytest.approx(0.3), "mean F1 over the questions that have a reference"
 
 

@@ -189,19 +189,19 @@ def judge_score(url: str, model: str, question: str, reference: str, candidate: 
 # ----------------------------------------------------------------------------------------------
 # Contamination: evaluation questions that appear in a corpus or a training file
 #
-# Word n-grams (lowercased, punctuation dropped, stopwords kept) of each question are looked up in
-# every source text; a question is flagged when one source text holds at least `threshold` of its
-# n-grams. A share, not a single shared n-gram: MedQA's closing sentences ("which of the following
-# is the most likely diagnosis") are shared by thousands of honest texts. The questions' n-grams are
-# held in memory and the sources streamed, so a corpus of any size can be checked.
+# Word n-grams (lowercased, punctuation dropped, stopwords kept) of each question followed by its
+# options are looked up in every source text; a question is flagged when one source text holds at
+# least `threshold` of its n-grams. A share, not a single shared n-gram: MedQA's closing sentences
+# ("which of the following is the most likely diagnosis") are shared by thousands of honest texts.
+# The options count because short stems ("Osteoclasts", "Which of the following is true?") are
+# only told apart by them; a text shorter than n words is one n-gram, found only whole. The
+# questions' n-grams are held in memory and the sources streamed: a corpus of any size can be checked.
 
 WORD = re.compile(r"[a-z0-9]+")
 
 
-def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    """The word n-grams of text; a text shorter than n words is its own single n-gram."""
-    words = WORD.findall(text.lower())
-    return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
+def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
 def source_texts(path: str) -> list[tuple[str, str]]:
@@ -218,7 +218,9 @@ def source_texts(path: str) -> list[tuple[str, str]]:
 def contamination(records: list[rt.QARecord], sources: list[str], n: int = 8, threshold: float = 0.5) -> list[dict]:
     """-> one entry per flagged question: its id, the source file and text id holding the largest
     share of its n-grams, that share, and the start of the question."""
-    grams = [ngrams(r.question, n) for r in records]
+    words = [WORD.findall(" ".join([r.question, *r.options.values()]).lower()) for r in records]
+    grams = [ngrams(w, min(n, len(w))) for w in words]           # a question under n words: itself, whole
+    sizes = {min(n, len(w)) for w in words if w}                 # the n-gram lengths to look for
     owners = defaultdict(list)                                   # n-gram -> questions that contain it
     for qi, g in enumerate(grams):
         for gram in g:
@@ -226,7 +228,9 @@ def contamination(records: list[rt.QARecord], sources: list[str], n: int = 8, th
     best = {}                                                    # question -> (share, file, text id)
     for path in sources:
         for text_id, text in source_texts(path):
-            hits = Counter(qi for gram in ngrams(text, n) & owners.keys() for qi in owners[gram])
+            text_words = WORD.findall(text.lower())
+            found = set().union(*(ngrams(text_words, m) for m in sizes)) & owners.keys()
+            hits = Counter(qi for gram in found for qi in owners[gram])
             for qi, h in hits.items():
                 share = h / len(grams[qi])
                 if share >= threshold and share > best.get(qi, (0,))[0]:

@@ -212,7 +212,14 @@ def test_contamination_flags_a_planted_duplicate_and_nothing_clean(tmp_path):
                       "likely diagnosis? Myocardial infarction."}) + "\n")
     flags = ev.contamination(records, [str(leaked)])
     assert [(f["id"], f["source_id"]) for f in flags] == [("q2", "gpt4-17")], f"flags: {flags}"
-    assert flags[0]["overlap"] == 1.0, "every 8-gram of the planted question is in the leaked text"
+    # 21 8-grams of stem + options "x y"; the text lacks the options, so the last 2 are missing
+    assert flags[0]["overlap"] == round(19 / 21, 3), "the share of the question's 8-grams in the leaked text"
+    short = [rt.QARecord("q3", "Drug of choice for scurvy?", {"A": "vitamin C", "B": "iron"}, "A")]   # 7 words
+    assert ev.contamination(short, [str(clean)]) == [], "a short question absent from the text"
+    (tmp_path / "train.jsonl").write_text(json.dumps({"id": "t9", "question": "drug of choice for SCURVY",
+                                                      "options": ["vitamin C", "iron"], "answer": "A"}) + "\n")
+    assert [f["source_id"] for f in ev.contamination(short, [str(tmp_path / "train.jsonl")])] == ["t9"], \
+        "a short question found whole in a training file"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -442,12 +442,16 @@ def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index 
     process; the results are gathered to every rank."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     recs, bs = bench.records, settings.batch_size
-    mine = []
+    mine, t0, shown = [], time.time(), time.time()
     for a in range(rank * bs, len(recs), world * bs):
         batch = recs[a:a + bs]
         with torch.no_grad():
             examples, scores = retrieve(model, batch, index, candidates, corpus, settings.depth)
         mine += [(a + i, res) for i, res in enumerate(answer_batch(model, batch, examples, scores, settings))]
+        if rank == 0 and time.time() - shown > 60:                       # a line a minute on long runs
+            shown, done = time.time(), min(a + bs, len(recs))            # about as far as every rank
+            print(f"  {bench.name}: {done:,}/{len(recs):,} questions, ETA {(shown - t0) / done * (len(recs) - done):,.0f} s",
+                  file=sys.stderr, flush=True)
     if dist.is_initialized():
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)

@@ -17,7 +17,11 @@ Answer modes:
 
 Retrievers: `none`; `trained` (the retriever saved in a train.py checkpoint); `minilm`; or any
 BERT/ColBERT directory. Documents come from a full index of --corpus built with that retriever (and
-cached), or, with --candidates, from re-scoring each question's candidate list as training does.
+cached), from a built --index, or, with --candidates, from re-scoring each question's candidate
+list as training does (which reproduces train.py's test numbers exactly).
+
+Also: rationale scores (a term-level F1, a stand-in for the paper's UMLS-F; optionally an LLM
+judge), a contamination check (--contamination), and --ask for one question of your own.
 
 Run:
     python eval.py ../shared/data/mmlu_medical --llm checkpoints/smollm2-135m

@@ -5,7 +5,7 @@ interval, per subject where the data has subjects, retrieval recall@k and MRR wh
 documents are known (PubMedQA, the built-in demo), and, on request, rationale overlap scores. The
 prompt is jmlr.py's (`format_context`, `tokenize_example`), the one training uses.
 
-Benchmarks (retriever.read_qa): MedQA / Amboss jsonl, MedMCQA jsonl, MMLU CSV (a directory of
+Benchmarks (qa_data.read_qa): MedQA / Amboss jsonl, MedMCQA jsonl, MMLU CSV (a directory of
 them: the subsets one by one and their mean), PubMedQA json, train.py's generic jsonl.
 
 Answer modes:
@@ -57,6 +57,7 @@ from safetensors.torch import load_file
 import retriever as rt
 from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_ranks, tokenize_example
 from llama import Llama, Tokenizer, atomic_write
+from qa_data import QA_FORMATS, QARecord, pubmedqa_corpus, read_qa
 from train import read_candidates, resolve_retriever, setup_distributed
 
 Z95 = 1.959964   # the standard normal's 97.5% quantile
@@ -68,7 +69,7 @@ Z95 = 1.959964   # the standard normal's 97.5% quantile
 @dataclass
 class Benchmark:
     name: str
-    records: list[rt.QARecord]
+    records: list[QARecord]
 
 
 def read_benchmark(path: str, fmt: str | None = None, limit: int | None = None) -> Benchmark:
@@ -78,7 +79,7 @@ def read_benchmark(path: str, fmt: str | None = None, limit: int | None = None) 
     files = sorted(f for f in p.iterdir() if f.suffix in (".csv", ".jsonl", ".json")) if p.is_dir() else [p]
     if not files:
         raise ValueError(f"{p}: a directory without .csv, .jsonl or .json QA files")
-    records = [r for f in files for r in rt.read_qa(f, fmt)[:limit]]
+    records = [r for f in files for r in read_qa(f, fmt)[:limit]]
     return Benchmark(p.stem if p.is_file() else p.name, records)
 
 
@@ -216,10 +217,10 @@ def source_texts(path: str) -> list[tuple[str, str]]:
     is_corpus = p.suffix == ".tsv" or (p.suffix == ".jsonl" and re.search(r'"(contents?)"\s*:', first))
     if is_corpus:
         return [(doc_id, text) for doc_id, text, _ in rt.read_corpus(p)]
-    return [(r.id, " ".join([r.question, *r.options.values(), r.rationale or ""])) for r in rt.read_qa(p)]
+    return [(r.id, " ".join([r.question, *r.options.values(), r.rationale or ""])) for r in read_qa(p)]
 
 
-def contamination(records: list[rt.QARecord], sources: list[str], n: int = 8, threshold: float = 0.5) -> list[dict]:
+def contamination(records: list[QARecord], sources: list[str], n: int = 8, threshold: float = 0.5) -> list[dict]:
     """-> one entry per flagged question: its id, the source file and text id holding the largest
     share of its n-grams, that share, and the start of the question."""
     words = [WORD.findall(" ".join([r.question, *r.options.values()]).lower()) for r in records]
@@ -298,7 +299,7 @@ def corpus_file(path: str, cache: Path) -> Path:
         return p
     out = cache / f"pubmedqa-corpus-{rt.file_sha256(p)[:12]}.jsonl"
     if not out.is_file():
-        lines = [json.dumps({"id": pmid, "contents": text}) for pmid, text in rt.pubmedqa_corpus(p)]
+        lines = [json.dumps({"id": pmid, "contents": text}) for pmid, text in pubmedqa_corpus(p)]
         atomic_write(out, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
     return out
 
@@ -384,7 +385,7 @@ class Settings:
     judge_model: str = ""
 
 
-def retrieve(model: JMLR, records: list[rt.QARecord], index: rt.Index | None, candidates: dict | None,
+def retrieve(model: JMLR, records: list[QARecord], index: rt.Index | None, candidates: dict | None,
              corpus: dict | None, depth: int) -> tuple[list[Example], torch.Tensor | None]:
     """Examples with `depth` documents each and the gold document's position among them (None when
     absent), and the retriever's scores of those documents (B, depth); no retriever: no documents and
@@ -408,7 +409,7 @@ def retrieve(model: JMLR, records: list[rt.QARecord], index: rt.Index | None, ca
     return examples, scores
 
 
-def answer_batch(model: JMLR, records: list[rt.QARecord], examples: list[Example], scores: torch.Tensor | None,
+def answer_batch(model: JMLR, records: list[QARecord], examples: list[Example], scores: torch.Tensor | None,
                  settings: Settings) -> list[dict]:
     """One result per question: the gold document's rank, and for every k whether the answer was
     right (and what generation wrote)."""
@@ -557,7 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Medical QA accuracy, with and without retrieval, side by side.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("benchmarks", nargs="*", help="QA files, or directories of them (MMLU's per-subject CSVs)")
-    p.add_argument("--format", choices=rt.QA_FORMATS, default=None, help="QA format of every file (default: detected)")
+    p.add_argument("--format", choices=QA_FORMATS, default=None, help="QA format of every file (default: detected)")
     p.add_argument("--llm", nargs="+", required=True,
                    help="one or more HF-format Llama directories, train.py checkpoints (step_N/) or run directories")
     p.add_argument("--retriever", nargs="+", default=["none"],

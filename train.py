@@ -1,7 +1,7 @@
 """train.py: JMLR training, from a CPU demo in minutes to Llama-2-13B with torchrun.
 
 Reads a config (dataclasses below, `--key=value` overrides, named presets), QA data (MedQA,
-MedMCQA, MMLU, PubMedQA, generic jsonl: retriever.read_qa), a corpus and candidate lists, builds
+MedMCQA, MMLU, PubMedQA, generic jsonl: qa_data.read_qa), a corpus and candidate lists, builds
 `jmlr.JMLR(llm=llama.Llama, retriever=retriever.ColBERT)` and minimizes its loss
 L = L_gen + lambda * L_rank (jmlr.py has the method, step by step). Distributed with torchrun: DDP
 (gloo on CPU, nccl on GPU) or FSDP2; bf16 autocast on CUDA; exact resume from atomic checkpoints.
@@ -44,6 +44,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 import retriever as rt
 from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_ranks
 from llama import Llama, LlamaConfig, LoraConfig, Tokenizer, add_lora, atomic_write
+from qa_data import read_qa
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TrainConfig:
     # what to train and on what ("" = the built-in demo's, generated under out_dir/demo)
     llm: str = ""                    # HF-format Llama directory
     retriever: str = ""              # BERT/ColBERT directory; "minilm" = all-MiniLM-L6-v2 from PyPI
-    train_file: str = ""             # QA files in any retriever.QA_FORMATS
+    train_file: str = ""             # QA files in any qa_data.QA_FORMATS
     val_file: str = ""               # periodic validation
     test_file: str = ""              # the final table (falls back to val_file)
     qa_format: str = ""              # "" = detect from each file
@@ -313,7 +314,7 @@ def load_examples(qa_file: str, fmt: str, corpus: dict[str, str], candidates: di
     """Every record of a QA file as an Example with its first n candidate texts; any problem
     (a question without candidates, an unknown document id, too few candidates) stops here."""
     examples = []
-    for rec in rt.read_qa(qa_file, fmt or None):
+    for rec in read_qa(qa_file, fmt or None):
         ids = candidates.get(rec.id)
         if ids is None:
             raise ValueError(f"{qa_file}: question {rec.id!r} has no candidate list; rebuild the candidates file")

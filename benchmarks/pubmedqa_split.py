@@ -1,7 +1,7 @@
 """Prepare the real-weights JMLR run on PubMedQA (../shared/data/pubmedqa): a corpus of the 1,000
 abstracts (each question's gold document is its own abstract), a training file of the 500 questions
 outside the official test split, and a test file of the 500 official test questions (both in
-PubMedQA's own JSON format, read by retriever.read_qa).
+PubMedQA's own JSON format, read by qa_data.read_qa).
 
     python benchmarks/pubmedqa_split.py ../shared/data/pubmedqa runs/pubmedqa-data [--test-n 150]
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retriever import pubmedqa_corpus  # noqa: E402
+from qa_data import pubmedqa_corpus  # noqa: E402
 
 
 def main():

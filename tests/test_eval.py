@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import eval as ev
 import retriever as rt
+from qa_data import QARecord
 from jmlr import JMLR, Example, JMLRConfig
 from llama import Llama
 from train import make_demo_models
@@ -198,9 +199,9 @@ def test_ask_prints_the_gold_document_first_and_the_answer(files, capsys):
 # Contamination
 
 def test_contamination_flags_a_planted_duplicate_and_nothing_clean(tmp_path):
-    records = [rt.QARecord("q1", "A 34-year-old woman presents with fever, joint pain and a malar rash after "
+    records = [QARecord("q1", "A 34-year-old woman presents with fever, joint pain and a malar rash after "
                            "sun exposure. Which of the following is the most likely diagnosis?", {"A": "x", "B": "y"}, "A"),
-               rt.QARecord("q2", "A 60-year-old man has crushing chest pain radiating to the left arm for two hours. "
+               QARecord("q2", "A 60-year-old man has crushing chest pain radiating to the left arm for two hours. "
                            "Which of the following is the most likely diagnosis?", {"A": "x", "B": "y"}, "A")]
     clean = tmp_path / "clean.jsonl"   # shares the closing sentence and some words, not the questions
     clean.write_text(json.dumps({"id": "c1", "contents": "Which of the following is the most likely diagnosis? "
@@ -214,7 +215,7 @@ def test_contamination_flags_a_planted_duplicate_and_nothing_clean(tmp_path):
     assert [(f["id"], f["source_id"]) for f in flags] == [("q2", "gpt4-17")], f"flags: {flags}"
     # 21 8-grams of stem + options "x y"; the text lacks the options, so the last 2 are missing
     assert flags[0]["overlap"] == round(19 / 21, 3), "the share of the question's 8-grams in the leaked text"
-    short = [rt.QARecord("q3", "Drug of choice for scurvy?", {"A": "vitamin C", "B": "iron"}, "A")]   # 7 words
+    short = [QARecord("q3", "Drug of choice for scurvy?", {"A": "vitamin C", "B": "iron"}, "A")]   # 7 words
     assert ev.contamination(short, [str(clean)]) == [], "a short question absent from the text"
     (tmp_path / "train.jsonl").write_text(json.dumps({"id": "t9", "question": "drug of choice for SCURVY",
                                                       "options": ["vitamin C", "iron"], "answer": "A"}) + "\n")

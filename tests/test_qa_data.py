@@ -1,4 +1,4 @@
-"""retriever.read_qa: hand-written fixtures in each QA format parse to hand-expected records, the
+"""qa_data.read_qa: hand-written fixtures in each QA format parse to hand-expected records, the
 real files in ../shared/data parse to their published counts, and bad input stops with file:line."""
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from retriever import QA_FORMATS, QARecord, detect_qa_format, pubmedqa_corpus, read_qa
+from qa_data import QA_FORMATS, QARecord, detect_qa_format, pubmedqa_corpus, read_qa
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ABCD = {"A": "aspirin", "B": "insulin", "C": "vitamin C", "D": "heparin"}

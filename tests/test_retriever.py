@@ -14,8 +14,9 @@ from transformers import BertModel
 
 import retriever
 from conftest import CACHE
+from qa_data import pubmedqa_corpus, read_qa
 from retriever import (ColBERT, ColBERTConfig, Index, build_index, default_model_dir, in_batch_loss, maxsim,
-                       pubmedqa_corpus, read_corpus, read_qa, write_candidates)
+                       read_corpus, write_candidates)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = ("the of and a in to is was for with patients disease treatment drug heart lung kidney liver "

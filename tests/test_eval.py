@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 import eval as ev
 import retriever as rt
-from qa_data import QARecord
+from demo import make_demo_models
 from jmlr import JMLR, Example, JMLRConfig
 from llama import Llama
-from train import make_demo_models
+from qa_data import QARecord
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

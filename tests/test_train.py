@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import demo
 import train
 from llama import Llama
 from retriever import ColBERT
@@ -83,7 +84,7 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    paths = train.make_demo(out / "data", seed=0, n_diseases=100)
+    paths = demo.make_demo(out / "data", seed=0, n_diseases=100)
     return out, paths
 
 
@@ -126,7 +127,7 @@ def perturbed_demo(tmp_path: Path):
     """The small demo, with the retriever's zero-initialized residual outputs made non-zero: a zero
     output layer gives its attention weights an exactly-zero gradient, and Adam turns the rounding
     noise of a zero gradient into +-lr steps, which no equivalence test can pass."""
-    paths = train.make_demo(tmp_path / "demo-data-seed0", seed=0, n_diseases=100)
+    paths = demo.make_demo(tmp_path / "demo-data-seed0", seed=0, n_diseases=100)
     model = ColBERT.from_pretrained(paths["retriever"])
     with torch.no_grad():
         for layer in model.layers:

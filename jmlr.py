@@ -282,13 +282,12 @@ class JMLR(nn.Module):
     @torch.no_grad()
     def option_losses(self, batch: list[Example], docs: list[list[str]]) -> torch.Tensor:
         """Answer by option likelihood: the loss of the target ' X. option text' for every option X
-        -> (B, n); the prediction is the argmin. Never fails to parse, unlike generated text."""
-        letters = list(batch[0].options)
-        if any(list(ex.options) != letters for ex in batch):
-            raise ValueError("option_losses needs the same option letters for every question of a batch")
+        -> (B, n), n the most options of any question (+inf past a question's own, as when MedQA's
+        4 and 5 options mix); the prediction is the argmin. Never fails to parse, unlike generated text."""
         rows = [tokenize_example(self.tok, d, ex.question, ex.options, format_target(x, text), self.cfg.max_doc_tokens)
                 for ex, d in zip(batch, docs) for x, text in ex.options.items()]
-        return self.llm_losses(rows).view(len(batch), len(letters))
+        per_question = self.llm_losses(rows).split([len(ex.options) for ex in batch])   # B tensors (n_b,)
+        return nn.utils.rnn.pad_sequence(per_question, batch_first=True, padding_value=math.inf)   # (B, n)
 
     @torch.no_grad()
     def confident(self, batch: list[Example]) -> torch.Tensor:

@@ -98,6 +98,22 @@ def test_likelihood_equals_the_hand_computed_bigram_loss(files):
     assert torch.allclose(shared, reference, atol=1e-5), "the shared-prefix KV cache changed the option losses"
 
 
+def test_shared_prefix_cache_equals_full_passes_with_real_attention(files):
+    """The bigram model's attention adds nothing, so it cannot catch a cache or position bug: here
+    random weights, documents in the prompt, and 4- and 5-option questions in one batch."""
+    llm, tok, _ = ev.load_llm(str(files["llm"]), torch.device("cpu"), torch.float32)
+    llm.reset_parameters()                                   # random attention and MLP weights
+    model = JMLR(llm, None, tok, JMLRConfig()).eval()
+    (q0, o0, *_), (q1, o1, *_) = QUESTIONS[:2]
+    batch = [Example(q0, dict(zip("ABCD", o0)), "", [], None, "B"), Example(q1, dict(zip("ABCDE", o1 + ["kavitis"])), "", [], None, "B")]
+    docs = [[DOCS["d7"], DOCS["d1"]], [DOCS["d2"]]]
+    full = model.option_losses(batch, docs)                  # jmlr.py: one pass per option, padded to 5
+    assert full.shape == (2, 5) and full[0, 4] == math.inf, "a 4-option question is padded with +inf"
+    for b, (ex, d) in enumerate(zip(batch, docs)):
+        shared = ev.option_losses(model, ex, d)
+        assert torch.allclose(shared, full[b, :len(ex.options)], atol=1e-5), f"KV-cache losses {shared} != {full[b]}"
+
+
 def test_accuracy_subjects_and_intervals_by_hand(files):
     """The model always answers B: questions 0, 1 (pharm) and 3 (micro) are right."""
     record = run_eval(files)["results"][0]

@@ -46,6 +46,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,15 +210,16 @@ def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def source_texts(path: str) -> list[tuple[str, str]]:
-    """(id, text) of every document of a corpus file (id + contents/content, or .tsv), or of every
-    question of a QA file (question, options and rationale: a training file can leak all three)."""
+def source_texts(path: str) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document of a corpus file (id + contents/content, or .tsv), streamed, or
+    of every question of a QA file (question, options and rationale: a training file can leak all three)."""
     p = Path(path)
-    first = next((line for line in p.open(encoding="utf-8", errors="replace") if line.strip()), "")
-    is_corpus = p.suffix == ".tsv" or (p.suffix == ".jsonl" and re.search(r'"(contents?)"\s*:', first))
-    if is_corpus:
-        return [(doc_id, text) for doc_id, text, _ in rt.read_corpus(p)]
-    return [(r.id, " ".join([r.question, *r.options.values(), r.rationale or ""])) for r in read_qa(p)]
+    with open(p, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    if p.suffix == ".tsv" or (p.suffix == ".jsonl" and re.search(r'"(contents?)"\s*:', first)):
+        yield from ((doc_id, text) for doc_id, text, _ in rt.read_corpus(p))
+    else:
+        yield from ((r.id, " ".join([r.question, *r.options.values(), r.rationale or ""])) for r in read_qa(p))
 
 
 def contamination(records: list[QARecord], sources: list[str], n: int = 8, threshold: float = 0.5) -> list[dict]:
@@ -292,15 +294,18 @@ def load_retriever(spec: str, llm_path: str, device: torch.device) -> rt.ColBERT
     return rt.ColBERT.from_pretrained(resolve_retriever(spec), device=device).eval()
 
 
-def corpus_file(path: str, cache: Path) -> Path:
-    """The corpus as retriever.py reads it; a PubMedQA .json becomes one {id, contents} line per abstract."""
+def corpus_file(path: str, cache: Path, rank: int = 0) -> Path:
+    """The corpus as retriever.py reads it; a PubMedQA .json becomes one {id, contents} line per
+    abstract (rank 0 writes it, the others wait)."""
     p = Path(path)
     if p.suffix != ".json":
         return p
     out = cache / f"pubmedqa-corpus-{rt.file_sha256(p)[:12]}.jsonl"
-    if not out.is_file():
+    if rank == 0 and not out.is_file():
         lines = [json.dumps({"id": pmid, "contents": text}) for pmid, text in pubmedqa_corpus(p)]
         atomic_write(out, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
+    if dist.is_initialized():
+        dist.barrier()
     return out
 
 
@@ -521,6 +526,8 @@ def subject_table(rows: list[dict]) -> str:
     out = []
     for bench in dict.fromkeys(r["benchmark"] for r in rows if "by_subject" in r):
         mine = [r for r in rows if r["benchmark"] == bench and "by_subject" in r and not r.get("swept")]
+        if not mine:                                     # only swept rows (a --k outside the sweep)
+            continue
         subjects = list(mine[0]["by_subject"])
         if len(subjects) > 30:
             continue                                     # too many to print; the JSON file has them
@@ -616,9 +623,10 @@ def build(args, llm_path: str, spec: str, device: torch.device, dtype: torch.dty
     llm, tok, train_cfg = load_llm(llm_path, device, dtype)
     saved = train_cfg.get("jmlr", {})
     ret = None if spec == "none" else load_retriever(spec, llm_path, device)
-    cfg = JMLRConfig(max_doc_tokens=args.max_doc_tokens or saved.get("max_doc_tokens", 180))
-    depth = args.depth or (train_cfg.get("num_candidates") if args.candidates else None) or 100
-    return JMLR(llm, ret, tok, cfg, pad_id=0).eval(), args.k or saved.get("top_k", 7), depth
+    given = lambda value, default: default if value is None else value   # noqa: E731 (an explicit --k 0 counts)
+    cfg = JMLRConfig(max_doc_tokens=given(args.max_doc_tokens, saved.get("max_doc_tokens", 180)))
+    depth = given(args.depth, (args.candidates and train_cfg.get("num_candidates")) or 100)
+    return JMLR(llm, ret, tok, cfg, pad_id=0).eval(), given(args.k, saved.get("top_k", 7)), depth
 
 
 def ask(args, device: torch.device, dtype: torch.dtype, cache: Path):
@@ -656,8 +664,8 @@ def main(argv: list[str] | None = None):
             raise ValueError(f"--retriever trained: {llm_path} has no retriever/ (a train.py checkpoint of a "
                              "retrieval objective has one); evaluate it in a separate run without 'trained'")
     flagged = {b.name: contamination(b.records, args.contamination, args.ngram, args.overlap)
-               for b in benches} if args.contamination else {}
-    corpus = corpus_file(args.corpus, cache) if args.corpus else None
+               for b in benches} if args.contamination and rank == 0 else {}   # printed by rank 0 only
+    corpus = corpus_file(args.corpus, cache, rank) if args.corpus else None
     candidates = read_candidates(args.candidates) if args.candidates else None
     texts = {i: t for i, t, _ in rt.read_corpus(corpus)} if candidates else None
     rows = []

@@ -544,7 +544,7 @@ def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], 
     corpus = {doc_id: text for doc_id, text, _ in rt.read_corpus(cfg.corpus)}
     candidates = read_candidates(cfg.candidates)
     load = lambda f: load_examples(f, cfg.qa_format, corpus, candidates, cfg.num_candidates) if f else []  # noqa: E731
-    return load(cfg.train_file), load(cfg.val_file), load(cfg.test_file or cfg.val_file)
+    return load(cfg.train_file), load(cfg.val_file), load(cfg.test_file)
 
 
 def train(cfg: TrainConfig, data: tuple | None = None) -> dict:

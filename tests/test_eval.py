@@ -192,6 +192,11 @@ def test_a_built_index_can_be_given_instead_of_the_corpus(files, tmp_path):
     assert (row["recall@1"], row["mrr"]) == (1.0, 1.0), f"search of the given index: {row}"
 
 
+def test_an_explicit_k_of_zero_is_kept(files):
+    row = run_eval(files, "--retriever", str(files["retriever"]), "--k", "0")["results"][0]
+    assert row["k"] == 0 and "mrr" not in row, f"--k 0 must mean no documents in the prompt, not the default: {row}"
+
+
 def test_candidate_lists_are_rescored_by_the_retriever(files):
     """--candidates: each list holds the gold document last; re-scored as in training, it comes first."""
     path = files["dir"] / "candidates.jsonl"

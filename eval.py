@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import retriever as rt
-from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_ranks, tokenize_example
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, tokenize_example
 from llama import Llama, Tokenizer, atomic_write
 from qa_data import QA_FORMATS, QARecord, pubmedqa_corpus, read_qa
 from train import read_candidates, resolve_retriever, setup_distributed
@@ -404,13 +404,13 @@ def retrieve(model: JMLR, records: list[QARecord], index: rt.Index | None, candi
             if r.id not in candidates:
                 raise ValueError(f"question {r.id!r} has no candidate list; build them for this benchmark")
             ids = candidates[r.id][:depth]
-            ex.candidates, ex.gold = [corpus[d] for d in ids], ids.index(r.gold_doc) if r.gold_doc in ids else None
+            ex.candidates, ex.gold = [corpus[d] for d in ids], gold_index(ids, r.gold_doc)
         return examples, model.score_candidates(examples)                           # (B, N)
     Q, q_mask = model.retriever.encode_queries([r.question for r in records])
     scores, docs = index.search(Q, q_mask, depth)                                  # (B, depth) each
     for ex, r, dd in zip(examples, records, docs.tolist()):
         ids = [index.ids[d] for d in dd]
-        ex.candidates, ex.gold = [index.text(d) for d in dd], ids.index(r.gold_doc) if r.gold_doc in ids else None
+        ex.candidates, ex.gold = [index.text(d) for d in dd], gold_index(ids, r.gold_doc)
     return examples, scores
 
 
@@ -423,8 +423,7 @@ def answer_batch(model: JMLR, records: list[QARecord], examples: list[Example], 
     top = {k: model.top_documents(examples, scores, k)[0] if k else [[] for _ in examples] for k in ks}  # best last
     out = []
     for i, (r, ex) in enumerate(zip(records, examples)):
-        res = {"id": r.id, "subject": r.subject, "gold": r.gold_doc is not None, "retrieved": scores is not None,
-               "rank": ranks[i]}
+        res = {"id": r.id, "subject": r.subject, "rank": ranks[i]}   # the gold document's rank (gold_ranks)
         for k in ks:
             docs = top[k][i]
             if settings.mode == "likelihood":
@@ -488,11 +487,10 @@ def summarize(results: list[dict], k: int, mode: str) -> dict:
         values = [a[key] for a in at_k if a.get(key) is not None]
         if values:
             out[f"rationale_{key}"] = sum(values) / len(values)
-    gold = [res["rank"] for res in results if res["gold"] and res["retrieved"]]
-    if gold and k > 0:                      # questions with a known gold document; rank None: not retrieved
-        out.update({"recall@1": sum(r == 1 for r in gold if r) / len(gold),
-                    f"recall@{k}": sum(r <= k for r in gold if r) / len(gold),
-                    "mrr": sum(1 / r for r in gold if r) / len(gold)})
+    gold = [res["rank"] for res in results if res["rank"] is not None]   # a known gold document; inf: missed
+    if gold and k > 0:
+        out.update({"recall@1": sum(r == 1 for r in gold) / len(gold), f"recall@{k}": sum(r <= k for r in gold) / len(gold),
+                    "mrr": sum(1 / r for r in gold) / len(gold)})
     return out
 
 

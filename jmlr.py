@@ -221,14 +221,22 @@ class Example:
     options: dict[str, str]     # letter -> text
     target: str                 # format_target(...)
     candidates: list[str]       # N candidate document texts, in the candidate file's order
-    gold: int | None = None     # index in candidates of a known gold document, for metrics only
+    gold: int | None = None     # metrics only: index in candidates of the gold document (gold_index)
     answer: str = ""            # the correct letter, for accuracy
 
 
-def gold_ranks(scores: torch.Tensor, batch: list[Example]) -> list[int | None]:
-    """1-based rank of each question's known gold document among its candidates, by scores (B, N);
-    None where the gold document is unknown."""
-    return [None if ex.gold is None else int((scores[b] > scores[b, ex.gold]).sum()) + 1
+def gold_index(doc_ids: list[str], gold_doc: str | None) -> int | None:
+    """Example.gold for candidates with these ids: the gold document's index; -1 when a gold document
+    is known but not among them (a retrieval miss, which recall must count); None when none is known."""
+    if gold_doc is None:
+        return None
+    return doc_ids.index(gold_doc) if gold_doc in doc_ids else -1
+
+
+def gold_ranks(scores: torch.Tensor, batch: list[Example]) -> list[float | None]:
+    """1-based rank of each question's gold document among its candidates, by scores (B, N): inf
+    when it is not among them (recall counts a miss, MRR adds 1/inf = 0), None when none is known."""
+    return [None if ex.gold is None else math.inf if ex.gold < 0 else int((scores[b] > scores[b, ex.gold]).sum()) + 1
             for b, ex in enumerate(batch)]
 
 
@@ -326,9 +334,11 @@ class JMLR(nn.Module):
             loss_gen = self.llm_losses(rows).mean()
         metrics["loss_gen"] = loss_gen.item()
         ranks = [r for r in gold_ranks(scores, batch) if r is not None]
+        found = [r for r in ranks if r != math.inf]
         if ranks:
-            metrics["gold_rank"] = sum(ranks) / len(ranks)
             metrics["recall_at_k"] = sum(r <= cfg.top_k for r in ranks) / len(ranks)
+        if found:
+            metrics["gold_rank"] = sum(found) / len(found)       # among the candidates that hold it
         metrics["doc_rank"] = float(top.float().mean()) + 1    # mean candidate-list rank of the docs used
         if not train_retriever:
             return loss_gen, metrics

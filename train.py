@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 import retriever as rt
 from demo import make_demo
-from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_ranks
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks
 from llama import Llama, LoraConfig, Tokenizer, add_lora, atomic_write
 from qa_data import read_qa
 
@@ -192,7 +192,7 @@ def load_examples(qa_file: str, fmt: str, corpus: dict[str, str], candidates: di
             raise ValueError(f"{qa_file}: question {rec.id!r}: candidate documents {missing[:3]} are not in the corpus")
         ids = ids[:n]
         target = format_target(rec.answer, rec.options[rec.answer], rec.rationale)
-        gold = ids.index(rec.gold_doc) if rec.gold_doc in ids else None
+        gold = gold_index(ids, rec.gold_doc)
         examples.append(Example(rec.question, rec.options, target, [corpus[d] for d in ids], gold, rec.answer))
     return examples
 

@@ -150,7 +150,7 @@ def test_extract_letter(text, options, letter):
 
 
 def test_unparsed_share_and_rationale_scores_are_averaged_by_hand():
-    results = [{"subject": None, "gold": False, "retrieved": False,
+    results = [{"subject": None, "rank": None,
                 0: {"correct": c, "pred": x, "parsed": x is not None, "f1": f}}
                for c, x, f in [(True, "A", 0.5), (False, None, None), (False, "B", 0.1), (True, "A", 0.3)]]
     s = ev.summarize(results, 0, "generate")
@@ -204,6 +204,16 @@ def test_candidate_lists_are_rescored_by_the_retriever(files):
                             for i, (*_, g) in enumerate(QUESTIONS)))
     row = run_eval(files, "--retriever", str(files["retriever"]), "--candidates", str(path), "--k", "2")["results"][0]
     assert (row["recall@1"], row["mrr"]) == (1.0, 1.0), f"the gold documents were not re-ranked first: {row}"
+
+
+def test_a_gold_document_missing_from_the_candidates_counts_as_a_miss(files):
+    """Question 0's list lacks its gold document: recall@1 = MRR = 5/6 (train.py's validation counts
+    it the same way, through jmlr.gold_index / gold_ranks)."""
+    path = files["dir"] / "candidates-miss.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "doc_ids": [d for d in DOCS if d != g] + ([g] if i else ["d8"])})
+                            + "\n" for i, (*_, g) in enumerate(QUESTIONS)))
+    row = run_eval(files, "--retriever", str(files["retriever"]), "--candidates", str(path), "--k", "2")["results"][0]
+    assert (row["recall@1"], row["mrr"]) == (pytest.approx(5 / 6), pytest.approx(5 / 6)), f"a miss must count: {row}"
 
 
 def test_ask_prints_the_gold_document_first_and_the_answer(files, capsys):

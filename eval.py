@@ -615,10 +615,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def build(args, llm_path: str, spec: str, device: torch.device, dtype: torch.dtype) -> tuple[JMLR, int, int]:
-    """The JMLR module for one system (its retriever loaded or None), its k and its retrieval depth:
-    as given, else as the checkpoint was trained (candidate lists as long as in training)."""
-    llm, tok, train_cfg = load_llm(llm_path, device, dtype)
+def build(args, loaded: tuple, llm_path: str, spec: str, device: torch.device) -> tuple[JMLR, int, int]:
+    """The JMLR module for one system (the loaded LLM, and its retriever or None), its k and its
+    retrieval depth: as given, else as the checkpoint was trained (candidate lists as in training)."""
+    llm, tok, train_cfg = loaded                                         # load_llm(llm_path, ...)
     saved = train_cfg.get("jmlr", {})
     ret = None if spec == "none" else load_retriever(spec, llm_path, device)
     given = lambda value, default: default if value is None else value   # noqa: E731 (an explicit --k 0 counts)
@@ -629,7 +629,8 @@ def build(args, llm_path: str, spec: str, device: torch.device, dtype: torch.dty
 
 def ask(args, device: torch.device, dtype: torch.dtype, cache: Path):
     """--ask: the top documents with their scores, then the answer (and option likelihoods)."""
-    model, k, _ = build(args, args.llm[0], args.retriever[0], device, dtype)
+    loaded = load_llm(args.llm[0], device, dtype)
+    model, k, _ = build(args, loaded, args.llm[0], args.retriever[0], device)
     options = dict(zip(string.ascii_uppercase, args.options))
     ex, docs = Example(args.ask, options, "", [], None, ""), []
     if model.retriever is not None:
@@ -668,8 +669,9 @@ def main(argv: list[str] | None = None):
     texts = {i: t for i, t, _ in rt.read_corpus(corpus)} if candidates else None
     rows = []
     for llm_path in args.llm:
+        loaded = load_llm(llm_path, device, dtype)                       # once for all its retrievers
         for spec in args.retriever:
-            model, k, depth = build(args, llm_path, spec, device, dtype)
+            model, k, depth = build(args, loaded, llm_path, spec, device)
             index = open_index(model.retriever, corpus, cache, rank, args.index) if model.retriever and not candidates else None
             ks = tuple(range(11)) if args.sweep else (k,)
             for mode in args.mode:
@@ -687,6 +689,7 @@ def main(argv: list[str] | None = None):
                         print(f"{Path(llm_path).name} / {spec} / {mode} on {bench.name}: {len(results):,} questions "
                               f"in {seconds:,.0f} s", file=sys.stderr, flush=True)
             del model
+        del loaded                                                       # before the next LLM loads
     if rank == 0:
         print(results_table(rows) + subject_table(rows) + sweep_table(rows))
         for name, flags in flagged.items():

@@ -27,7 +27,9 @@ train_retriever=False)` for a warm-up curriculum in which the LLM first learns t
 `tie_margin`, which treats pairs whose LLM losses differ by less than a margin as ties.
 """
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,7 @@ class JMLRConfig:
     rank_weight: float = 1.0      # lambda in L = L_gen + lambda * L_rank
     max_doc_tokens: int = 180     # each document is cut to this many LLM tokens in the prompt
     confidence_margin: float = 0.5   # curriculum: a question is "confident" when s_top1 - s_top2 > this
+    max_pass_tokens: int = 32768  # no-gradient LLM passes (step 3, option scoring) in chunks of at most this many tokens
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -95,6 +98,30 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> t
     tokens = torch.tensor([t + [pad_id] * (T - len(t)) for t, _ in rows], device=device)
     labels = torch.tensor([lab + [-100] * (T - len(lab)) for _, lab in rows], device=device)
     return tokens, labels
+
+
+def token_chunks(rows: list[tuple[list[int], list[int]]], max_tokens: int) -> list[list]:
+    """Consecutive rows grouped so that each group, right-padded to its longest row, holds at most
+    max_tokens tokens (a row longer than that goes alone)."""
+    chunks, longest = [[]], 0
+    for row in rows:
+        longest = max(longest, len(row[0]))
+        if chunks[-1] and (len(chunks[-1]) + 1) * longest > max_tokens:
+            chunks.append([])
+            longest = len(row[0])
+        chunks[-1].append(row)
+    return chunks
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """module.eval() inside the block, the previous mode restored after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class OptionHead(nn.Module):
@@ -150,15 +177,21 @@ def sample_documents(scores: torch.Tensor, m: int, tau: float, minmax_scale: boo
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Step 2: draw m of N candidates without replacement, p = softmax(s / tau). (B, N) -> (B, m).
 
-    torch.multinomial without replacement draws one at a time, renormalizing over what is left:
-    the first draw follows the softmax exactly. No gradient flows through the draw."""
-    # assignment: sampling: p = softmax(s.detach() / tau) (minmax_scale: s to [-1, 1] first); m draws, no repeats
+    Gumbel-top-k (Kool et al. 2019): the m largest keys log p_k - log E_k, E_k ~ Exp(1), are a draw
+    without replacement in draw order, the same distribution as drawing one at a time and
+    renormalizing over what is left. In log space nothing underflows: torch.multinomial on
+    softmax(s / tau) at a small tau gets exact zeros and fills the remaining draws with the
+    highest-index candidates. The noise is drawn on the generator's own device, so a CPU generator
+    draws the same documents whatever device the scores are on. No gradient flows through the draw."""
+    # assignment: sampling: keys log softmax(s.detach() / tau) - log Exp(1) noise (minmax_scale: s to [-1, 1] first); the top m
     s = scores.detach().float()
     if minmax_scale:   # the official code's scaling to [-1, 1]: nearly uniform draws for small tau
         lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
         s = 2 * (s - lo) / (hi - lo).clamp_min(1e-12) - 1
-    probs = torch.softmax(s / tau, dim=1)
-    return torch.multinomial(probs, m, replacement=False, generator=generator)
+    log_p = torch.log_softmax(s / tau, dim=1)                                    # (B, N)
+    device = generator.device if generator is not None else s.device
+    noise = torch.empty(s.shape, device=device).exponential_(generator=generator).to(s.device)   # (B, N) ~ Exp(1)
+    return (log_p - noise.log()).topk(m, dim=1).indices                          # (B, m), in draw order
     # end assignment: sampling
 
 
@@ -249,11 +282,26 @@ class JMLR(nn.Module):
         self.llm, self.retriever, self.tok, self.cfg, self.pad_id = llm, retriever, tokenizer, cfg, pad_id
         self.tokens_seen = 0      # LLM tokens through forward passes, for tokens/s and MFU
         self.tokens_trained = 0   # of which with gradients (a backward pass follows)
+        self.equal_passes: Callable[[int], int] | None = None   # FSDP (train.py): n passes here -> the most of any rank
 
     def llm_losses(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Per-row mean NLL of the labelled target: a list of (tokens, labels) -> (len(rows),)."""
-        device = self.llm.embed_tokens.weight.device
-        tokens, labels = pad_batch(rows, self.pad_id, device)
+        """Per-row mean NLL of the labelled target: a list of (tokens, labels) -> (len(rows),).
+
+        With gradients (the generation pass) the rows go through as one padded batch. Without
+        (step 3's per-document losses, option scoring, validation) the LLM runs as at inference,
+        in eval mode (full causal attention, no dropout), so that a row's loss never depends on
+        the rows beside it, and in chunks of at most cfg.max_pass_tokens padded tokens, so that
+        memory is bounded whatever the batch size."""
+        if torch.is_grad_enabled():
+            return self._llm_pass(rows)
+        chunks = token_chunks(rows, self.cfg.max_pass_tokens)
+        if self.equal_passes is not None:   # FSDP: each pass gathers the weights, so every rank runs as many
+            chunks += chunks[-1:] * (self.equal_passes(len(chunks)) - len(chunks))
+        with eval_mode(self.llm):
+            return torch.cat([self._llm_pass(chunk) for chunk in chunks])[:len(rows)]
+
+    def _llm_pass(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        tokens, labels = pad_batch(rows, self.pad_id, self.llm.embed_tokens.weight.device)   # (B, T) each
         if self.training:   # evaluation passes are not training throughput
             self.tokens_seen += tokens.numel()
             self.tokens_trained += tokens.numel() if torch.is_grad_enabled() else 0

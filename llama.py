@@ -281,8 +281,9 @@ class Llama(nn.Module):
         """tokens (B, T) -> final normalized hidden states (B, T, C), the input of the output head."""
         positions = torch.arange(start, start + tokens.size(1), device=tokens.device)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg))       # (T, D) each, fp32
-        # training may use a cheaper attention (S2-Attn); inference always sees full causal attention
-        train_fn = self.train_attn_fn if self.training and cache is None else None
+        # a gradient-carrying training pass may use a cheaper attention (S2-Attn); inference and every
+        # pass without gradients (JMLR's per-document losses, validation) see full causal attention
+        train_fn = self.train_attn_fn if self.training and torch.is_grad_enabled() and cache is None else None
         attn_fn = train_fn or self.attn_fn
         x = self.embed_tokens(tokens)                                      # (B, T, C)
         for i, block in enumerate(self.layers):

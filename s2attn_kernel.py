@@ -562,7 +562,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: 
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
         raise ValueError(f"group_size={group_size!r} must be an even int >= 2 (shifted heads move by "
-                         "group_size // 2); S2Attention(group_fraction) rounds T * fraction for you")
+                         "group_size // 2)")
 
 
 _said: set[str] = set()
@@ -591,30 +591,28 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: 
 
 
 class S2Attention:
-    """S2-Attn with G a fraction of T, for llama.py: `model.train_attn_fn = S2Attention(0.25)`.
+    """S2-Attn with a fixed group size G, for llama.py: `model.train_attn_fn = S2Attention(1024)`.
 
-    Llama calls it in training mode only, without a KV cache; inference keeps full causal attention.
-    G = T * group_fraction rounded down to an even number (shifted heads move by G/2), at least 2:
-    T = 100 -> 24, T = 4096 -> 1024, T = 6 -> 2. The last H//2 heads are the shifted ones.
+    Llama calls it only in training mode with gradients on and without a KV cache; inference and
+    every pass without gradients keep full causal attention. G is a setting, never derived from the
+    length of a padded batch: with G = T / 4, one (document, question) would see other groups, and
+    so get another loss, depending on which rows share its batch. A sequence shorter than G is one
+    group: full causal attention. The last H//2 heads are the shifted ones.
     """
 
-    def __init__(self, group_fraction: float = 0.25, block_sizes: tuple[int, int] | None = None):
-        if not 0 < group_fraction <= 1:
-            raise ValueError(f"group_fraction={group_fraction} must be in (0, 1]: G = T * group_fraction")
-        self.group_fraction, self.block_sizes = group_fraction, block_sizes
-
-    def group_size(self, T: int) -> int:
-        # 1e-9: T * fraction = 29.999999... (float) must still count as 30
-        return max(2, int(T * self.group_fraction + 1e-9) // 2 * 2)
+    def __init__(self, group_size: int, block_sizes: tuple[int, int] | None = None):
+        if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+            raise ValueError(f"group_size={group_size!r} must be an even int >= 2 (shifted heads move by G / 2)")
+        self.group_size, self.block_sizes = group_size, block_sizes
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if k.size(2) != q.size(2):
             raise ValueError(f"S2Attention got {q.size(2)} queries but {k.size(2)} keys: it is for training "
                              "without a KV cache; llama.py uses it only in model.train() mode")
-        return s2_attention(q, k, v, self.group_size(q.size(2)), self.block_sizes)
+        return s2_attention(q, k, v, self.group_size, self.block_sizes)
 
     def __repr__(self):
-        return f"S2Attention(group_fraction={self.group_fraction})"
+        return f"S2Attention(group_size={self.group_size})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ of JMLR, frozen-retriever RAG and no retrieval on held-out diseases.
 import ast
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -79,14 +80,17 @@ class TrainConfig:
     curriculum: float = 0.0          # first fraction of steps: L_gen on confident questions, no rank loss
     # system
     seed: int = 0
-    autocast: str = "auto"           # "auto": bf16 on CUDA with compute capability >= 8.0; "off"
+    autocast: str = "auto"           # "auto": bf16 on CUDA with compute capability >= 8.0; "bf16" (CPUs too); "off"
     fsdp: bool = False               # FSDP2 (fully_shard per LLM block) instead of DDP
     activation_checkpointing: bool = False
-    s2attn: bool = False             # S2-Attn (s2attn_kernel.py) in the LLM's training forward passes
+    s2attn: bool = False             # S2-Attn (s2attn_kernel.py) in the LLM's gradient-carrying passes
+    s2attn_group_size: int = 1024    # G: tokens per S2-Attn group (a setting, never a batch's length)
+    dist_timeout_minutes: int = 60   # torch.distributed's collective timeout (NCCL's default is 10)
+    dry_run: bool = False            # print memory, FLOPs and GPU-hours of this config (costs.py), train nothing
     # logging, validation, checkpoints
     log_every: int = 50
     eval_every: int = 0              # 0: validate at the end only
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64        # questions per validation batch (LLM passes: jmlr.max_pass_tokens)
     save_every: int = 0              # 0: save at the end only
     keep_last: int = 2
     resume: bool = False
@@ -99,8 +103,8 @@ DEMO = dict(compare=("none", "rag", "jmlr"), option_head=True, freeze_embeddings
 LLAMA2 = dict(num_candidates=30, option_head=False, use_lora=True,
               lora=dict(rank=8, alpha=16.0, dropout=0.05, train_embeddings=True, train_norms=True),
               steps=3000, batch_size=64, micro_batch_size=4, lr_llm=2e-4, lr_retriever=1e-5,
-              warmup_steps=100, activation_checkpointing=True, s2attn=True, log_every=10,
-              eval_every=500, save_every=500, out_dir="runs/jmlr",
+              warmup_steps=100, activation_checkpointing=True, s2attn=True, s2attn_group_size=512, log_every=10,
+              eval_every=500, eval_batch_size=8, save_every=500, out_dir="runs/jmlr",
               jmlr=dict(num_sampled=10, top_k=7, tau=1.0, max_doc_tokens=180))
 # The recorded real-weights CPU run (README): SmolLM2-135M + all-MiniLM-L6-v2 on PubMedQA, sized for an hour.
 SMOLLM2_PUBMEDQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", compare=("none", "rag", "jmlr"),
@@ -153,7 +157,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     cfg = TrainConfig()
     apply_overrides(cfg, PRESETS[preset])
     apply_overrides(cfg, {k: v for k, v in pairs if k != "preset"})
-    if preset != "demo" and not cfg.train_file:   # only the demo invents its own data
+    if preset != "demo" and not cfg.train_file and not cfg.dry_run:   # only the demo invents its own data
         raise ValueError(f"preset {preset!r} trains on your data: give --train_file, --corpus, --llm and --retriever")
     return cfg
 
@@ -233,7 +237,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> JMLR:
     llm.gradient_checkpointing = cfg.activation_checkpointing
     if cfg.s2attn:
         from s2attn_kernel import S2Attention
-        llm.train_attn_fn = S2Attention()
+        llm.train_attn_fn = S2Attention(cfg.s2attn_group_size)
     if cfg.option_head:
         letter_ids = [tok.encode(x, bos=False)[0] for x in "ABCDE"]
         llm = OptionHead(llm, letter_ids).to(device)
@@ -262,7 +266,10 @@ def resolve_retriever(name: str) -> str:
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast on CUDA with compute capability 8.0+ (Ampere, Hopper), unless turned off."""
+    """bf16 autocast: "auto" on CUDA with compute capability 8.0+ (Ampere, Hopper); "bf16" on any
+    device (CPUs with AVX512-BF16 run it 2-3x faster than fp32); never with "off"."""
+    if cfg.autocast == "bf16":
+        return True
     return cfg.autocast == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -293,23 +300,26 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------------------------
 # torchrun: ranks, wrapping, one all-reduce for both models
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Rank and world size from torchrun's environment; nccl on CUDA, gloo on CPU."""
+def setup_distributed(timeout_minutes: int = 60) -> tuple[int, int, torch.device]:
+    """Rank and world size from torchrun's environment; nccl on CUDA, gloo on CPU. Under torchrun
+    the process group starts even for one process (DDP or FSDP2 then wrap the model, as on many).
+    The device returned is the process group's: every collective's tensors live there."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world, device
 
 
 def wrap(model: JMLR, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
     """DDP around the whole JMLR module (one all-reduce covers retriever and LLM), or FSDP2:
     fully_shard per LLM block, then the root (embeddings, head, retriever)."""
-    if world == 1:
+    if not dist.is_initialized():
         return model
     if cfg.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -320,6 +330,7 @@ def wrap(model: JMLR, cfg: TrainConfig, device: torch.device, world: int) -> nn.
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         register_fsdp_forward_method(model, "predict")     # validation enters through predict()
+        model.equal_passes = functools.partial(most_over_ranks, device=device)   # no-grad passes: as many on every rank
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                find_unused_parameters=cfg.curriculum > 0)   # the retriever rests then
@@ -351,9 +362,17 @@ def plain_modules(model: JMLR, state: dict, cfg: TrainConfig) -> tuple[Llama, rt
     return plain, retriever
 
 
-def mean_over_ranks(values: list[dict], keys: tuple[str, ...]) -> dict:
-    """Average each metric over micro-batches and ranks, skipping micro-batches without it (nan)."""
-    sums = torch.zeros(2, len(keys), dtype=torch.float64)
+def most_over_ranks(n: int, device: torch.device) -> int:
+    """The largest n of any rank (the tensor on the process group's device: NCCL has no CPU tensors)."""
+    x = torch.tensor(n, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x)
+
+
+def mean_over_ranks(values: list[dict], keys: tuple[str, ...], device: torch.device) -> dict:
+    """Average each metric over micro-batches and ranks, skipping micro-batches without it (nan).
+    The sums live on `device`, the process group's (NCCL cannot all-reduce CPU tensors)."""
+    sums = torch.zeros(2, len(keys), dtype=torch.float64, device=device)
     for v in values:
         for i, k in enumerate(keys):
             if k in v and not math.isnan(v[k]):
@@ -459,14 +478,14 @@ def evaluate(model: nn.Module, examples: list[Example], cfg: TrainConfig, rank: 
     jmlr = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     was_training = jmlr.training
     jmlr.eval()
-    k, bs = cfg.jmlr.top_k, cfg.eval_batch_size
+    k, bs, device = cfg.jmlr.top_k, cfg.eval_batch_size, jmlr.llm.embed_tokens.weight.device
     per_rank = math.ceil(len(examples) / world)
     mine = [rank * per_rank + i for i in range(per_rank)]              # indices past the end are padding
-    sums = torch.zeros(5, dtype=torch.float64)                         # correct, n, hit@1, hit@k, n with gold
+    sums = torch.zeros(5, dtype=torch.float64, device=device)          # correct, n, hit@1, hit@k, n with gold
     for a in range(0, per_rank, bs):
         idx = mine[a:a + bs]
         batch = [examples[i % len(examples)] for i in idx]
-        with autocast(cfg, next(jmlr.parameters()).device):
+        with autocast(cfg, device):
             losses, scores = jmlr.predict(batch)                       # (B, n options), (B, N) or None
         ranks = gold_ranks(scores, batch) if scores is not None else [None] * len(batch)
         for b, (i, ex, r) in enumerate(zip(idx, batch, ranks)):
@@ -475,7 +494,7 @@ def evaluate(model: nn.Module, examples: list[Example], cfg: TrainConfig, rank: 
             sums[0] += list(ex.options)[int(losses[b].argmin())] == ex.answer
             sums[1] += 1
             if r is not None:
-                sums[2:] += torch.tensor([r <= 1, r <= k, 1], dtype=torch.float64)
+                sums[2:] += torch.tensor([r <= 1, r <= k, 1], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     jmlr.train(was_training)
@@ -550,9 +569,10 @@ def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], 
 def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
     """Train cfg.jmlr.objective on `data` (train, validation, test examples; read from cfg's files
     when None) -> the final validation/test results."""
-    if cfg.autocast not in ("auto", "off"):
-        raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0) or 'off'")
-    rank, world, device = setup_distributed()
+    if cfg.autocast not in ("auto", "bf16", "off"):
+        raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0), "
+                         "'bf16' (on any device) or 'off'")
+    rank, world, device = setup_distributed(cfg.dist_timeout_minutes)
     train_set, val_set, test_set = data or prepare(cfg, rank)
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}"
@@ -594,7 +614,9 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
         for a in range(accum):
             micro = rank * accum + a                                   # global micro-batch number
             batch = [train_set[i] for i in idx[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]]
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)   # rank-independent
+            # the sampler's noise comes from this CPU generator whatever the device (jmlr.sample_documents):
+            # the same documents on every rank count, on CPU and GPU
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
             sync = a == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(cfg, device):
                 loss, metrics = wrapped(batch, generator=gen, train_retriever=not warming_up)
@@ -608,7 +630,7 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            m = mean_over_ranks(history, METRICS)
+            m = mean_over_ranks(history, METRICS, device)
             history = []
             now = time.time()
             tokens = model.tokens_seen * world
@@ -673,7 +695,7 @@ def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log
 
 def compare(cfg: TrainConfig):
     """Train every objective of cfg.compare with otherwise equal settings; print a table."""
-    rank, _, _ = setup_distributed()
+    rank, _, _ = setup_distributed(cfg.dist_timeout_minutes)
     data = prepare(cfg, rank)              # read once: the same data and candidates for every row
     results = {}
     for objective in cfg.compare:          # the same seeds and steps for every row
@@ -694,6 +716,10 @@ def compare(cfg: TrainConfig):
 
 def main(argv: list[str]):
     cfg = parse_args(argv)
+    if cfg.dry_run:
+        from costs import dry_run
+        dry_run(cfg)
+        return
     if cfg.compare:
         compare(cfg)
     else:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from jmlr import (JMLR, Example, JMLRConfig, OptionHead, format_target, pad_batch, rank_loss, sample_documents,
@@ -204,3 +205,117 @@ def test_option_head_points_at_the_option_the_answer_state_matches():
     assert target.tolist() == [2] and logits[0, 4] == -math.inf
     assert logits[0, :4].argmax().item() == 2
     assert head.sequence_loss(tokens, labels).item() < 0.1
+
+
+def test_a_documents_loss_is_the_same_alone_and_beside_a_longer_one_with_s2attn():
+    """Step 3 runs as inference does (full causal attention, no dropout) even in training mode with
+    S2-Attn and LoRA dropout on: a (document, question)'s loss must not depend on its batch-mates.
+    Only the gradient-carrying pass may use S2-Attn, with its group size from the setting."""
+    from llama import LoraConfig, add_lora
+    from s2attn_kernel import S2Attention
+    llm = Llama(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2))     # head_dim 16: the kernel's least
+    add_lora(llm, LoraConfig(rank=4, dropout=0.5))
+    for p in llm.parameters():                       # B != 0, so that the adapters (and dropout) matter
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.5)
+    llm.train_attn_fn = S2Attention(8)
+    model = JMLR(llm, None, ByteTokenizer(), JMLRConfig(max_doc_tokens=64)).train()
+    ex = Example("Which drug?", {"A": "aspirin", "B": "insulin"}, format_target("A", "aspirin"),
+                 ["short document", "a much longer document " * 4])
+    alone = model.document_losses([ex], torch.tensor([[0]]))
+    beside = model.document_losses([ex], torch.tensor([[0, 1]]))
+    assert model.training and llm.training, "document_losses must restore the training mode"
+    assert torch.equal(alone[0, 0], beside[0, 0]), f"alone {alone[0, 0]:.6f}, beside a longer document " \
+        f"{beside[0, 0]:.6f}: the no-gradient pass must not depend on the batch"
+    with torch.no_grad():
+        inference = model.eval().document_losses([ex], torch.tensor([[0]]))
+    assert torch.equal(alone, inference), "step 3 must see exactly the attention inference uses"
+    # the gradient-carrying pass does use S2-Attn (and dropout): its loss differs
+    row = tokenize_example(model.tok, [ex.candidates[0]], ex.question, ex.options, ex.target, 64)
+    assert len(row[0]) > 8 and (model.train().llm_losses([row])[0] - alone[0, 0]).abs() > 1e-4
+
+
+def test_no_gradient_passes_are_cut_by_a_token_budget():
+    """max_pass_tokens bounds every no-gradient LLM pass (padded tokens); the losses are unchanged."""
+    llm = PromptMeanLM()
+    model = JMLR(llm, None, ByteTokenizer(), JMLRConfig(max_pass_tokens=10_000))
+    rows = [tokenize_example(model.tok, ["x" * n], "q?", {"A": "a"}, format_target("A", "a"), 100)
+            for n in (5, 40, 10, 80, 3)]
+    with torch.no_grad():
+        whole = model.llm_losses(rows)
+        model.cfg.max_pass_tokens = 2 * max(len(t) for t, _ in rows)
+        calls, cut = llm.calls, model.llm_losses(rows)
+    assert llm.calls - calls >= 3 and torch.allclose(whole, cut, atol=1e-6)
+    from jmlr import token_chunks
+    for budget in (1, 50, 120, 1000):
+        chunks = token_chunks(rows, budget)
+        assert [r for c in chunks for r in c] == rows, "chunks keep every row, in order"
+        assert all(len(c) == 1 or len(c) * max(len(t) for t, _ in c) <= budget for c in chunks)
+
+
+@pytest.mark.sampling
+def test_sampling_never_underflows_and_draws_on_the_generators_device():
+    """At a small tau softmax(s / tau) underflows to zeros; torch.multinomial then filled the draws
+    with the highest-index (worst) candidates. The draw follows the scores' order instead. And the
+    noise is drawn on the generator's device: a sampler handed scores on another device (here meta,
+    on a GPU it is CUDA) must never pass a CPU generator to an op on that device (ATen refuses it)."""
+    scores = torch.tensor([[20.0, 25.0, 15.0, 14.0, 13.0, 12.0, 11.0, 10.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {tuple(sample_documents(scores, 4, tau=0.05, generator=g)[0].tolist()) for _ in range(200)}
+    assert draws == {(1, 0, 2, 3)}, f"tau=0.05 must draw the four best in order, got {sorted(draws)[:5]}"
+
+    from torch.overrides import TorchFunctionMode
+
+    class GeneratorDeviceCheck(TorchFunctionMode):
+        """ATen's rule on CUDA, enforced for every device: a generator must live where its op runs."""
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            gen = kwargs.get("generator")
+            out = func(*args, **kwargs)
+            devices = {a.device for a in (*args, out) if isinstance(a, torch.Tensor)}
+            assert gen is None or devices == {gen.device}, f"{func.__name__}: generator on {gen.device}, " \
+                f"tensors on {devices}"
+            return out
+
+    with GeneratorDeviceCheck():
+        picked = sample_documents(torch.randn(3, 8, device="meta"), 4, 1.0, generator=torch.Generator().manual_seed(0))
+    assert picked.shape == (3, 4) and picked.device.type == "meta"
+
+
+def test_bf16_training_step_document_losses_and_scoring_agree_with_fp32(joint):
+    """What a recent GPU runs: a bf16 frozen base with fp32 LoRA adapters under bf16 autocast (as
+    train.build_model sets up), here on the CPU. The joint loss, its gradients, the per-document
+    losses and the option losses agree with fp32 within bf16's precision (8 bits of mantissa: about
+    0.4% per rounding; the tolerances below allow a few percent after two layers)."""
+    from llama import LoraConfig, add_lora
+    llm32, retriever, batch = joint
+    add_lora(llm32, LoraConfig(rank=4, dropout=0.0))
+    for p in llm32.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.05)
+    llm16 = Llama(llm32.cfg)
+    add_lora(llm16, LoraConfig(rank=4, dropout=0.0))
+    llm16.load_state_dict(llm32.state_dict())
+    for p in llm16.parameters():                    # the frozen base in bf16, the adapters fp32
+        p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
+    cfg = JMLRConfig(num_sampled=4, top_k=2)
+    results = {}
+    for name, llm in (("fp32", llm32), ("bf16", llm16)):
+        model = JMLR(llm, retriever, ByteTokenizer(), cfg)
+        retriever.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            loss, _ = model(batch, generator=torch.Generator().manual_seed(0))
+            loss.backward()
+            picked = torch.tensor([[0, 1, 2, 3]] * len(batch))
+            doc = model.document_losses(batch, picked)
+            options = model.option_losses(batch, [ex.candidates[:2] for ex in batch])
+        grads = torch.cat([p.grad.flatten().float() for p in (*llm.parameters(), *retriever.parameters())
+                           if p.grad is not None])
+        results[name] = loss.detach(), grads, doc, options
+        assert doc.dtype == options.dtype == torch.float32, "losses are returned in fp32 whatever the compute dtype"
+    (l32, g32, d32, o32), (l16, g16, d16, o16) = results["fp32"], results["bf16"]
+    assert (l16 - l32).abs() <= 0.02 * l32.abs(), f"joint loss bf16 {l16:.4f} vs fp32 {l32:.4f}"
+    assert F.cosine_similarity(g16, g32, dim=0) > 0.99, "bf16 gradients must point where fp32's do"
+    torch.testing.assert_close(d16, d32, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(o16, o32, rtol=0.02, atol=0.02)

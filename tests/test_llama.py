@@ -229,6 +229,34 @@ def test_greedy_generate_equals_full_forward_argmax():
     assert torch.equal(out, seq[:, 6:])
 
 
+def test_a_bf16_model_runs_every_pass_in_bf16_and_agrees_with_fp32():
+    """eval.py's default on recent GPUs: bf16 weights, no autocast. Every op must keep bf16 (an
+    apply_rope returning fp32 would crash the attention call), and the results stay within bf16's
+    precision of fp32's: logits, the per-row loss, KV-cache decoding, and a LoRA training step."""
+    model = Llama(LlamaConfig(**{**SMALL, "num_key_value_heads": 2}))
+    model16 = Llama(model.cfg)
+    model16.load_state_dict(model.state_dict())
+    model16.bfloat16()
+    x = torch.randn(2, 4, 7, 16, dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.arange(7), torch.ones(8))
+    assert apply_rope(x, cos, sin).dtype == torch.bfloat16, "apply_rope must return its input's dtype"
+    x, labels = tokens(T=24), tokens(T=24)
+    with torch.no_grad():
+        ref, out = model.eval()(x), model16.eval()(x)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max(), "bf16 logits far from fp32's"
+        loss32, loss16 = model.sequence_loss(x, labels), model16.sequence_loss(x, labels)
+        torch.testing.assert_close(loss16, loss32, rtol=0.01, atol=0.01)
+        cache = model16.new_cache(2, 24)
+        assert cache[0][0].dtype == torch.bfloat16
+        stepped = torch.cat([model16(x[:, :10], cache, 0)] + [model16(x[:, t:t + 1], cache, t) for t in range(10, 24)], 1)
+        assert (stepped.float() - out.float()).abs().max() <= 0.05 * ref.abs().max()
+    add_lora(model16, LoraConfig(rank=4, targets=("q_proj", "v_proj")))
+    model16.train().sequence_loss(x, labels).mean().backward()
+    grads = [p.grad for p in model16.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_generate_stops_and_pads_with_stop_id():
     model = Llama(LlamaConfig(**SMALL)).eval()
     prompt = tokens(B=1, T=4)

@@ -226,9 +226,9 @@ def test_one_group_is_full_causal_attention(G):
 
 def test_llama_trains_with_s2attn_and_infers_with_full_attention():
     cfg = LlamaConfig()                                    # 2 layers, H=4, Hkv=2, D=16
-    tokens = torch.randint(0, cfg.vocab_size, (2, 40))     # T=40 -> G = 10 (shift 5)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))     # T=40, G = 10 (shift 5)
     kernel_model = Llama(cfg)
-    kernel_model.train_attn_fn = S2Attention(0.25, block_sizes=(16, 16))
+    kernel_model.train_attn_fn = S2Attention(10, block_sizes=(16, 16))
     kernel_model.gradient_checkpointing = True             # the kernel is recomputed in backward too
     ref_model = Llama(cfg)
     ref_model.load_state_dict(kernel_model.state_dict())
@@ -253,16 +253,13 @@ def test_llama_trains_with_s2attn_and_infers_with_full_attention():
     assert (inference - logits["kernel"].detach()).abs().max() > 1e-3
 
 
-def test_group_size_rounding():
-    s = S2Attention(0.25)
-    assert [s.group_size(T) for T in (4096, 100, 40, 10, 4, 1)] == [1024, 24, 10, 2, 2, 2]
-    assert S2Attention(0.58).group_size(100) == 58       # 0.58 * 100 = 57.99999999999999 in floats
-    assert S2Attention(1.0).group_size(50) == 50
-    for bad in (0, -0.5, 1.5):
-        with pytest.raises(ValueError, match="group_fraction"):
+def test_group_size_is_a_setting_and_checked():
+    assert S2Attention(1024).group_size == 1024
+    for bad in (0, 3, -2, 10.0):
+        with pytest.raises(ValueError, match="even int"):
             S2Attention(bad)
     with pytest.raises(ValueError, match="KV cache"):   # decoding: 1 query, 9 keys
-        S2Attention()(torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
+        S2Attention(4)(torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -165,6 +165,43 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     ColBERT.from_pretrained(ckpt / "retriever")
 
 
+def test_collectives_receive_their_tensors_on_the_process_groups_device(monkeypatch, small_demo):
+    """NCCL has no CPU backend: a CPU tensor reaching an all-reduce on GPUs ends the run. Every
+    collective of train.py must get its tensor on the device it is given, the process group's
+    (setup_distributed's). Here a stand-in all_reduce records what reaches it; a device other than
+    the default one (meta) shows that nothing is created on the CPU by default along the way."""
+    out, paths = small_demo
+    cfg = train.parse_args([f"--{k}={v}" for k, v in paths.items()] + ["--compare=()", "--curriculum=0.0"])
+    _, val, _ = train.prepare(cfg, rank=0)
+    model = train.build_model(cfg, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, op=None: seen.append(t.device))
+    meta = torch.device("meta")
+    for collective in (lambda: train.most_over_ranks(3, meta),
+                       lambda: train.mean_over_ranks([{"loss": 1.0}], ("loss",), meta)):
+        with pytest.raises(RuntimeError, match="meta"):       # meta tensors hold no values to read back
+            collective()
+        assert seen.pop() == meta
+    # validation: its sums live where the model does
+    train.evaluate(model, val[:4], cfg, rank=0, world=1)
+    assert seen == [model.llm.embed_tokens.weight.device]
+
+
+def test_bf16_autocast_trains_like_fp32(tmp_path):
+    """--autocast=bf16 (bf16 autocast on any device, what a GPU run does) follows fp32's losses
+    within bf16's precision for a few steps of the small demo."""
+    args = SMALL + ["--steps=3", "--jmlr.objective=jmlr"]
+    losses = {}
+    for mode in ("off", "bf16"):
+        run_train(args + [f"--autocast={mode}", f"--out_dir={tmp_path}/{mode}"])
+        log = [json.loads(line) for line in open(tmp_path / mode / "log.jsonl")]
+        losses[mode] = [r["loss"] for r in log if "loss" in r]
+    assert len(losses["off"]) == 3 and losses["off"] != losses["bf16"], "bf16 must actually run"
+    for a, b in zip(losses["off"], losses["bf16"]):
+        assert abs(a - b) <= 0.03 * abs(a), f"bf16 losses {losses['bf16']} vs fp32 {losses['off']}"
+
+
 def test_resume_is_bitwise_and_survives_sigkill(tmp_path):
     args = SMALL + ["--steps=6", "--save_every=1", "--keep_last=2"]
     run_train(args + [f"--out_dir={tmp_path}/straight"])

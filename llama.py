@@ -488,7 +488,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     sorted_p, order = probs.sort(dim=-1, descending=True)                  # (B, V)
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
     sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0
-    choice = torch.multinomial(sorted_p, 1, generator=generator)           # (B, 1); renormalizes
+    # drawn on the generator's device (a CPU generator with CUDA probabilities is refused by ATen)
+    device = generator.device if generator is not None else probs.device
+    choice = torch.multinomial(sorted_p.to(device), 1, generator=generator).to(probs.device)   # (B, 1); renormalizes
     return order.gather(-1, choice).squeeze(-1)
 
 

@@ -314,6 +314,8 @@ def test_bf16_training_step_document_losses_and_scoring_agree_with_fp32(joint):
                            if p.grad is not None])
         results[name] = loss.detach(), grads, doc, options
         assert doc.dtype == options.dtype == torch.float32, "losses are returned in fp32 whatever the compute dtype"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            assert model.score_candidates(batch).dtype == torch.float32, "MaxSim scores are summed in fp32"
     (l32, g32, d32, o32), (l16, g16, d16, o16) = results["fp32"], results["bf16"]
     assert (l16 - l32).abs() <= 0.02 * l32.abs(), f"joint loss bf16 {l16:.4f} vs fp32 {l32:.4f}"
     assert F.cosine_similarity(g16, g32, dim=0) > 0.99, "bf16 gradients must point where fp32's do"

@@ -79,16 +79,31 @@ def format_target(letter: str, answer: str, rationale: str | None = None) -> str
 
 def tokenize_example(tok, docs: list[str], question: str, options: dict[str, str], target: str,
                      max_doc_tokens: int) -> tuple[list[int], list[int]]:
-    """-> (tokens, labels): labels are -100 on the prompt and the tokens themselves on the target
-    (which ends with EOS). Each document is cut to max_doc_tokens."""
+    """-> (tokens, labels) of the prompt and the target encoded as ONE text, as the model reads it at
+    inference: labels are -100 on the prompt and the tokens themselves on the target (which ends
+    with EOS). Each document is first cut to about max_doc_tokens tokens (`cut_document`).
+
+    Encoding the pieces one by one would not give the same tokens: Llama-2's tokenizer prepends "▁"
+    to every text it encodes, so a target " B. text" encoded alone starts with a double space "▁▁"
+    and an unprefixed "B", which Llama-2 rarely saw after "Answer:"."""
     *doc_pieces, question_piece = format_context(docs, question, options)
-    prompt, newline = tok.encode("", bos=None), tok.encode("\n", bos=False)   # [BOS] if the model wants it
-    for piece in doc_pieces:
-        ids = tok.encode(piece, bos=False)
-        prompt += ids if len(ids) <= max_doc_tokens else ids[:max_doc_tokens - len(newline)] + newline
-    prompt += tok.encode(question_piece, bos=False)
-    answer = tok.encode(target, bos=False, eos=True)
-    return prompt + answer, [-100] * len(prompt) + answer
+    prompt = "".join(cut_document(tok, piece, max_doc_tokens) for piece in doc_pieces) + question_piece
+    prompt_ids = tok.encode(prompt)                              # [BOS] first if the model wants it
+    tokens = tok.encode(prompt + target, eos=True)
+    P = 0                                                        # the prompt's tokens: the common prefix (a token
+    while P < min(len(prompt_ids), len(tokens)) and prompt_ids[P] == tokens[P]:   # merged across the border
+        P += 1                                                   # is labelled, so the answer is never cut)
+    return tokens, [-100] * P + tokens[P:]
+
+
+def cut_document(tok, piece: str, max_tokens: int) -> str:
+    """A document piece ("Document: ...\n") cut to its first max_tokens tokens, newline kept. The cut
+    is made on the piece's own encoding and decoded back to text, so that the prompt can be encoded
+    as one text; in context the cut text may encode to a token more or fewer."""
+    ids = tok.encode(piece, bos=False)
+    if len(ids) <= max_tokens:
+        return piece
+    return tok.decode(ids[:max(0, max_tokens - 1)]) + "\n"
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,8 +283,10 @@ def gold_index(doc_ids: list[str], gold_doc: str | None) -> int | None:
 
 def gold_ranks(scores: torch.Tensor, batch: list[Example]) -> list[float | None]:
     """1-based rank of each question's gold document among its candidates, by scores (B, N): inf
-    when it is not among them (recall counts a miss, MRR adds 1/inf = 0), None when none is known."""
-    return [None if ex.gold is None else math.inf if ex.gold < 0 else int((scores[b] > scores[b, ex.gold]).sum()) + 1
+    when it is not among them (recall counts a miss, MRR adds 1/inf = 0), None when none is known.
+    Ties count against the gold document (its rank is the number of candidates scoring at least as
+    high): a collapsed retriever with equal scores must not read as perfect recall."""
+    return [None if ex.gold is None else math.inf if ex.gold < 0 else int((scores[b] >= scores[b, ex.gold]).sum())
             for b, ex in enumerate(batch)]
 
 

@@ -1,5 +1,6 @@
 """jmlr.py's steps against hand computations, and the joint loss's gradient routing."""
 
+import json
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jmlr import (JMLR, Example, JMLRConfig, OptionHead, format_target, pad_batch, rank_loss, sample_documents,
-                  tokenize_example)
+from jmlr import (JMLR, Example, JMLRConfig, OptionHead, format_context, format_target, pad_batch, rank_loss,
+                  sample_documents, tokenize_example)
 from llama import Llama, LlamaConfig
 from test_retriever import VOCAB, tiny_bert
 from retriever import ColBERT, ColBERTConfig
@@ -18,6 +19,9 @@ class ByteTokenizer:
     """Bytes as tokens, 1 = BOS, 2 = EOS: enough for a tiny LLM."""
     def encode(self, text, bos=None, eos=False):
         return ([1] if bos is None else []) + [3 + b % 250 for b in text.encode()] + ([2] if eos else [])
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
 
 
 @pytest.mark.rank_loss
@@ -321,3 +325,73 @@ def test_bf16_training_step_document_losses_and_scoring_agree_with_fp32(joint):
     assert F.cosine_similarity(g16, g32, dim=0) > 0.99, "bf16 gradients must point where fp32's do"
     torch.testing.assert_close(d16, d32, rtol=0.02, atol=0.02)
     torch.testing.assert_close(o16, o32, rtol=0.02, atol=0.02)
+
+
+def test_gold_rank_counts_ties_against_the_gold_document():
+    from jmlr import gold_ranks
+    batch = [Example("q", {}, "", ["a", "b", "c", "d"], gold=g) for g in (1, 2, 0, -1)]
+    scores = torch.tensor([[5.0, 5.0, 5.0, 5.0],      # collapsed: all equal -> last, not first
+                           [1.0, 3.0, 3.0, 0.0],      # one tie above the rest -> 2
+                           [9.0, 1.0, 2.0, 3.0],      # strictly best -> 1
+                           [1.0, 2.0, 3.0, 4.0]])     # gold known but not a candidate -> inf
+    assert gold_ranks(scores, batch) == [4, 2, 1, math.inf]
+
+
+def trained_tokenizer_dir(path, style: str):
+    """A small tokenizer.json in the style of Llama-2 (SentencePiece BPE: "▁" prepended and for
+    spaces, byte fallback) or Llama-3 (byte-level BPE after a regex split), trained here on a few
+    sentences, plus the config files llama.Tokenizer reads."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    text = ["Document: Vitamin C deficiency causes scurvy.\n", "Question: Which vitamin prevents scurvy?\n"
+            "A. Vitamin C\nB. Vitamin D\nAnswer: A. Vitamin C"] * 20
+    special = ["<unk>", "<s>", "</s>"]
+    if style == "llama2":
+        tok = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+        tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=special + [
+            f"<0x{i:02X}>" for i in range(256)]))
+        tok.pre_tokenizer = None                           # as Llama-2's tokenizer.json: the normalizer alone
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        split = Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(split, "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.decoder = decoders.ByteLevel()
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), bos_token_id=1, eos_token_id=2).to_hf()
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    return path
+
+
+@pytest.mark.parametrize("style", ["llama2", "llama3", "smollm2"])
+def test_the_prompt_and_target_are_the_tokens_of_the_whole_text(style, tmp_path, request):
+    """Training's tokens must be those of the text the model reads: the pieces joined, encoded at
+    once. Encoded piece by piece, Llama-2's tokenizer starts the target " A. Vitamin C" with "▁▁"."""
+    from llama import Tokenizer
+    path = request.getfixturevalue("smollm2_dir") if style == "smollm2" else trained_tokenizer_dir(tmp_path / style, style)
+    tok = Tokenizer(path)
+    docs, question = ["Vitamin C deficiency causes scurvy."], "Which vitamin prevents scurvy?"
+    options = {"A": "Vitamin C", "B": "Vitamin D"}
+    target = format_target("A", "Vitamin C")
+    tokens, labels = tokenize_example(tok, docs, question, options, target, max_doc_tokens=100)
+    prompt = "".join(format_context(docs, question, options))
+    assert tokens == tok.encode(prompt + target, eos=True), "not the tokens of the whole text"
+    answer = [t for t, lab in zip(tokens, labels) if lab != -100]
+    assert labels[:len(tokens) - len(answer)] == [-100] * (len(tokens) - len(answer))
+    assert tok.decode(answer).strip() == "A. Vitamin C" and answer[-1] == tok.eos_ids[0]
+    if style == "llama2":   # the bug this prevents: the target encoded alone starts differently
+        assert tok.encode(target, bos=False)[:len(answer) - 1] != answer[:-1]
+    # a document longer than max_doc_tokens is cut to about that many tokens, newline kept
+    long_doc = ["Vitamin C deficiency causes scurvy. " * 20]
+    cut, _ = tokenize_example(tok, long_doc, question, options, target, max_doc_tokens=12)
+    full, _ = tokenize_example(tok, [], question, options, target, max_doc_tokens=12)
+    assert abs(len(cut) - len(full) - 12) <= 2, f"{len(cut) - len(full)} document tokens, asked for 12"

@@ -30,7 +30,7 @@ Run:
     python eval.py test.jsonl --llm runs/demo/jmlr --retriever none trained --corpus corpus.jsonl --out r.json
     python eval.py medqa_test.jsonl --contamination corpus.jsonl train.jsonl --llm ...   # leak check
     python eval.py --ask "Which vitamin deficiency causes scurvy?" --llm ... --retriever minilm --corpus ...
-    torchrun --nproc_per_node=8 eval.py ...            # questions sharded by batch, results gathered
+    torchrun --nproc_per_node=8 eval.py ...            # index build, contamination and questions shared, gathered
 
 Shape legend: B questions in a batch, N candidates per question, n options, P prompt tokens,
 A answer tokens, C LLM width, V vocabulary.
@@ -202,6 +202,8 @@ def judge_score(url: str, model: str, question: str, reference: str, candidate: 
 # The options count because short stems ("Osteoclasts", "Which of the following is true?") are
 # only told apart by them; a text shorter than n words is one n-gram, found only whole. The
 # questions' n-grams are held in memory and the sources streamed: a corpus of any size can be checked.
+# Under torchrun the ranks split the texts and merge their findings, rather than each scanning them
+# all: a corpus of millions of texts takes a rank many minutes, and the merged list is exact.
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -222,9 +224,13 @@ def source_texts(path: str) -> Iterator[tuple[str, str]]:
         yield from ((r.id, " ".join([r.question, *r.options.values(), r.rationale or ""])) for r in read_qa(p))
 
 
-def contamination(records: list[QARecord], sources: list[str], n: int = 8, threshold: float = 0.5) -> list[dict]:
+def contamination(records: list[QARecord], sources: list[str], n: int = 8, threshold: float = 0.5,
+                  rank: int = 0, world: int = 1) -> list[dict]:
     """-> one entry per flagged question: its id, the source file and text id holding the largest
-    share of its n-grams, that share, and the start of the question."""
+    share of its n-grams (the first such text), that share, and the start of the question. Shared
+    by `world` ranks (retriever.check_ranks): rank r scores texts r, r + W, ... of all the sources in
+    order, and the best of every rank is merged, so every rank returns one process's list."""
+    rt.check_ranks(rank, world)
     words = [WORD.findall(" ".join([r.question, *r.options.values()]).lower()) for r in records]
     grams = [ngrams(w, min(n, len(w))) for w in words]           # a question under n words: itself, whole
     sizes = {min(n, len(w)) for w in words if w}                 # the n-gram lengths to look for
@@ -232,18 +238,27 @@ def contamination(records: list[QARecord], sources: list[str], n: int = 8, thres
     for qi, g in enumerate(grams):
         for gram in g:
             owners[gram].append(qi)
-    best = {}                                                    # question -> (share, file, text id)
-    for path in sources:
-        for text_id, text in source_texts(path):
-            text_words = WORD.findall(text.lower())
-            found = set().union(*(ngrams(text_words, m) for m in sizes)) & owners.keys()
-            hits = Counter(qi for gram in found for qi in owners[gram])
-            for qi, h in hits.items():
-                share = h / len(grams[qi])
-                if share >= threshold and share > best.get(qi, (0,))[0]:
-                    best[qi] = (share, path, text_id)
+    best = {}                                                    # question -> (share, -text number, file, text id)
+    texts = ((path, *t) for path in sources for t in source_texts(path))
+    for number, (path, text_id, text) in enumerate(texts):
+        if number % world != rank:
+            continue                                             # another rank's
+        text_words = WORD.findall(text.lower())
+        found = set().union(*(ngrams(text_words, m) for m in sizes)) & owners.keys()
+        hits = Counter(qi for gram in found for qi in owners[gram])
+        for qi, h in hits.items():
+            share = h / len(grams[qi])
+            if share >= threshold and share > best.get(qi, (0,))[0]:
+                best[qi] = (share, -number, path, text_id)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, best)
+        best = {}
+        for part in parts:
+            for qi, entry in part.items():
+                best[qi] = max(best.get(qi, entry), entry)       # the largest share, then the first text
     return [{"id": records[qi].id, "source": path, "source_id": text_id, "overlap": round(share, 3),
-             "question": records[qi].question[:100]} for qi, (share, path, text_id) in sorted(best.items())]
+             "question": records[qi].question[:100]} for qi, (share, _, path, text_id) in sorted(best.items())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,19 +324,17 @@ def corpus_file(path: str, cache: Path, rank: int = 0) -> Path:
     return out
 
 
-def open_index(model: rt.ColBERT, corpus: Path | None, cache: Path, rank: int, index: str | None = None) -> rt.Index:
+def open_index(model: rt.ColBERT, corpus: Path | None, cache: Path, rank: int, world: int,
+               index: str | None = None) -> rt.Index:
     """`index` when given (built by `retriever.py index` with this very retriever, which is checked),
     else an index of the corpus built with this retriever, cached by encoder and corpus fingerprint
-    (rank 0 builds it, the others wait)."""
+    (every rank encodes its share of the shards: retriever.build_index)."""
     if index:
         found = rt.Index(index)
         found.check_encoder(model)
         return found
     index_dir = cache / f"index-{model.fingerprint()[:16]}-{rt.file_sha256(corpus)[:12]}"
-    if rank == 0:
-        rt.build_index(model, corpus, index_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    rt.build_index(model, corpus, index_dir, rank=rank, world=world)
     return rt.Index(index_dir)
 
 
@@ -395,7 +408,8 @@ def retrieve(model: JMLR, records: list[QARecord], index: rt.Index | None, candi
     """Examples with `depth` documents each and the gold document's position among them (None when
     absent), and the retriever's scores of those documents (B, depth); no retriever: no documents and
     None. From the index (documents best first), or by re-scoring each question's candidate list
-    with the retriever, as training does (JMLR.score_candidates; documents in the list's order)."""
+    with the retriever (documents in the list's order), as training does (JMLR.score_candidates,
+    without gradients: at most --max-tokens document tokens per pass)."""
     examples = [Example(r.question, r.options, "", [], None, r.answer) for r in records]
     if model.retriever is None:
         return examples, None
@@ -404,8 +418,12 @@ def retrieve(model: JMLR, records: list[QARecord], index: rt.Index | None, candi
             if r.id not in candidates:
                 raise ValueError(f"question {r.id!r} has no candidate list; build them for this benchmark")
             ids = candidates[r.id][:depth]
+            missing = [d for d in ids if d not in corpus]
+            if missing:
+                raise ValueError(f"question {r.id!r}: candidate {missing[0]!r} is not in --corpus; give the corpus "
+                                 "the candidate lists were built from")
             ex.candidates, ex.gold = [corpus[d] for d in ids], gold_index(ids, r.gold_doc)
-        return examples, model.score_candidates(examples)                           # (B, N)
+        return examples, model.score_candidates(examples)                           # (B, N), no gradients
     Q, q_mask = model.retriever.encode_queries([r.question for r in records])
     scores, docs = index.search(Q, q_mask, depth)                                  # (B, depth) each
     for ex, r, dd in zip(examples, records, docs.tolist()):
@@ -461,11 +479,7 @@ def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index 
             shown, done = time.time(), min(a + bs, len(recs))            # about as far as every rank
             print(f"  {bench.name}: {done:,}/{len(recs):,} questions, ETA {(shown - t0) / done * (len(recs) - done):,.0f} s",
                   file=sys.stderr, flush=True)
-    if dist.is_initialized():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        mine = [x for part in gathered for x in part]
-    return [res for _, res in sorted(mine, key=lambda x: x[0])]
+    return rt.gather_in_order(mine, world)
 
 
 def summarize(results: list[dict], k: int, mode: str) -> dict:
@@ -585,6 +599,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=0, help="generation budget (0: 16 for an answer, 192 with a rationale)")
     p.add_argument("--limit", type=int, default=None, help="the first N questions of each file")
     p.add_argument("--batch-size", type=int, default=8, help="questions per retrieval batch and per shard unit")
+    p.add_argument("--max-tokens", type=int, default=32768,
+                   help="tokens per forward pass, which bounds memory: retriever documents when re-scoring --candidates, "
+                        "and an option-head LLM's passes; a plain LLM runs one question at a time (its prompt once, "
+                        "then its options) whatever this is. The results are the same for any value, up to float rounding")
     p.add_argument("--contamination", nargs="+", default=[], metavar="FILE",
                    help="check the questions against these corpus or training files for leaked text")
     p.add_argument("--ngram", type=int, default=8, help="contamination: words per n-gram")
@@ -599,6 +617,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LLM weights: auto is bf16 on CUDA compute capability 8.0+, else fp32")
     p.add_argument("--ask", default=None, help="one question of your own: the top documents, then answer and rationale")
     p.add_argument("--options", nargs="+", default=[], help="--ask: answer options, lettered A, B, ... in order")
+    p.add_argument("--dist-timeout-minutes", type=int, default=60,
+                   help="torchrun: how long a rank waits for the others at a collective (NCCL's default is 10)")
     args = p.parse_args(argv)
     if not args.benchmarks and not args.ask:
         p.error("give one or more benchmark files, or --ask")
@@ -622,19 +642,21 @@ def build(args, loaded: tuple, llm_path: str, spec: str, device: torch.device) -
     saved = train_cfg.get("jmlr", {})
     ret = None if spec == "none" else load_retriever(spec, llm_path, device)
     given = lambda value, default: default if value is None else value   # noqa: E731 (an explicit --k 0 counts)
-    cfg = JMLRConfig(max_doc_tokens=given(args.max_doc_tokens, saved.get("max_doc_tokens", 180)))
+    cfg = JMLRConfig(max_doc_tokens=given(args.max_doc_tokens, saved.get("max_doc_tokens", 180)),
+                     max_pass_tokens=args.max_tokens)
     depth = given(args.depth, (args.candidates and train_cfg.get("num_candidates")) or 100)
     return JMLR(llm, ret, tok, cfg, pad_id=0).eval(), given(args.k, saved.get("top_k", 7)), depth
 
 
-def ask(args, device: torch.device, dtype: torch.dtype, cache: Path):
+def ask(args, device: torch.device, dtype: torch.dtype, cache: Path, rank: int, world: int):
     """--ask: the top documents with their scores, then the answer (and option likelihoods)."""
     loaded = load_llm(args.llm[0], device, dtype)
     model, k, _ = build(args, loaded, args.llm[0], args.retriever[0], device)
     options = dict(zip(string.ascii_uppercase, args.options))
     ex, docs = Example(args.ask, options, "", [], None, ""), []
     if model.retriever is not None:
-        index = open_index(model.retriever, args.corpus and corpus_file(args.corpus, cache), cache, 0, args.index)
+        index = open_index(model.retriever, args.corpus and corpus_file(args.corpus, cache, rank), cache, rank, world,
+                           args.index)
         with torch.no_grad():
             scores, found = index.search(*model.retriever.encode_queries([args.ask]), k)
         for i, (s, d) in enumerate(zip(scores[0].tolist(), found[0].tolist()), start=1):
@@ -651,28 +673,30 @@ def ask(args, device: torch.device, dtype: torch.dtype, cache: Path):
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    rank, _, device = setup_distributed()
+    rank, world, device = setup_distributed(args.dist_timeout_minutes)
     dtype, cache = pick_dtype(args.dtype, device), Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     if args.ask:
-        return ask(args, device, dtype, cache)
+        return ask(args, device, dtype, cache, rank, world)
     t_start = time.time()
     benches = [read_benchmark(b, args.format, args.limit) for b in args.benchmarks]
     for llm_path in args.llm:              # every checkpoint checked before hours of evaluation start
         if resolve_checkpoint(llm_path)[1] is None and "trained" in args.retriever:
             raise ValueError(f"--retriever trained: {llm_path} has no retriever/ (a train.py checkpoint of a "
                              "retrieval objective has one); evaluate it in a separate run without 'trained'")
-    flagged = {b.name: contamination(b.records, args.contamination, args.ngram, args.overlap)
-               for b in benches} if args.contamination and rank == 0 else {}   # printed by rank 0 only
+    flagged = {b.name: contamination(b.records, args.contamination, args.ngram, args.overlap, rank, world)
+               for b in benches} if args.contamination else {}   # every rank: their share, merged
     corpus = corpus_file(args.corpus, cache, rank) if args.corpus else None
     candidates = read_candidates(args.candidates) if args.candidates else None
-    texts = {i: t for i, t, _ in rt.read_corpus(corpus)} if candidates else None
+    wanted = {d for b in benches for r in b.records for d in candidates.get(r.id, ())} if candidates else set()
+    texts = {i: t for i, t, _ in rt.read_corpus(corpus) if i in wanted} if candidates else None   # not all the corpus
     rows = []
     for llm_path in args.llm:
         loaded = load_llm(llm_path, device, dtype)                       # once for all its retrievers
         for spec in args.retriever:
             model, k, depth = build(args, loaded, llm_path, spec, device)
-            index = open_index(model.retriever, corpus, cache, rank, args.index) if model.retriever and not candidates else None
+            index = (open_index(model.retriever, corpus, cache, rank, world, args.index)
+                     if model.retriever and not candidates else None)
             ks = tuple(range(11)) if args.sweep else (k,)
             for mode in args.mode:
                 settings = Settings(mode, ks, max(depth, max(ks)), args.batch_size, args.rationale,

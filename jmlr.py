@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from retriever import maxsim
+from retriever import maxsim, score_candidate_lists
 
 OBJECTIVES = ("jmlr", "lsr", "pdist", "emdr2", "none", "rag", "retriever_only")
 
@@ -290,6 +290,20 @@ def gold_ranks(scores: torch.Tensor, batch: list[Example]) -> list[float | None]
             for b, ex in enumerate(batch)]
 
 
+def helpfulness(scores: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Does the retriever's order agree with the documents that help the LLM? scores (B, N) and the
+    LLM's losses given each candidate alone (B, N) -> per question (B,): the share of candidate pairs
+    with different losses that the scores order the same way (a score tie counts as a disagreement;
+    nan without such pairs), and the retriever's rank of the most helpful document (the lowest
+    loss), ties counted against it."""
+    ds = scores[:, :, None] - scores[:, None, :]                                  # (B, N, N): s_a - s_b
+    dl = losses[:, None, :] - losses[:, :, None]                                  # (B, N, N): l_b - l_a
+    pairs = (dl != 0).sum((1, 2))
+    agreement = ((ds * dl) > 0).sum((1, 2)) / pairs                               # (B,); 0 / 0 = nan
+    best = losses.argmin(1, keepdim=True)                                         # (B, 1)
+    return agreement, (scores >= scores.gather(1, best)).sum(1)                  # (B,), (B,)
+
+
 class JMLR(nn.Module):
     """Owns the LLM (llama.Llama) and the retriever (retriever.ColBERT); `forward(batch)` computes
     the joint loss of one batch and a metrics dict. One module, so one DDP wrapper covers both."""
@@ -336,11 +350,23 @@ class JMLR(nn.Module):
         return self.llm_losses(rows).view(picked.shape)                           # (B, m)
         # end assignment: doc_losses
 
+    @torch.no_grad()
+    def candidate_losses(self, batch: list[Example]) -> torch.Tensor:
+        """(B, N): the LLM's loss given each candidate alone, step 3 over every candidate: which
+        documents help it (`helpfulness` compares the retriever's order with it)."""
+        B, N = len(batch), len(batch[0].candidates)
+        return self.document_losses(batch, torch.arange(N).expand(B, N))
+
     def score_candidates(self, batch: list[Example]) -> torch.Tensor:
-        """Step 1: s (B, N) = MaxSim of each question against its own candidates, with gradients."""
+        """Step 1: s (B, N) = MaxSim of each question against its own candidates, with gradients.
+        Without gradients (validation, a frozen retriever) the same values come in passes of at most
+        cfg.max_pass_tokens document tokens, so memory does not grow with B x N."""
         B, N = len(batch), len(batch[0].candidates)
         if any(len(ex.candidates) != N for ex in batch):
             raise ValueError(f"every example needs the same number of candidates ({N}); pad the candidate file")
+        if not torch.is_grad_enabled():
+            return score_candidate_lists(self.retriever, [ex.question for ex in batch],
+                                         [ex.candidates for ex in batch], self.cfg.max_pass_tokens)
         Q, q_mask = self.retriever.encode_queries([ex.question for ex in batch])      # (B, Lq, d), (B, Lq)
         D, d_mask = self.retriever.encode_docs([d for ex in batch for d in ex.candidates])   # (B*N, Ld, d)
         return maxsim(Q, q_mask, D.view(B, N, *D.shape[1:]), d_mask.view(B, N, -1))  # (B, N)

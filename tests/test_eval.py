@@ -206,6 +206,31 @@ def test_candidate_lists_are_rescored_by_the_retriever(files):
     assert (row["recall@1"], row["mrr"]) == (1.0, 1.0), f"the gold documents were not re-ranked first: {row}"
 
 
+def test_a_token_budget_gives_the_scores_of_one_pass(files):
+    """Without gradients jmlr.JMLR.score_candidates re-scores candidate lists cfg.max_pass_tokens
+    document tokens at a time (eval.retrieve goes through it): the scores of the one pass over all
+    B x N documents that training computes with gradients; and eval.py with --max-tokens 1 (one
+    document per pass) gives the records of the default budget."""
+    model = JMLR(None, rt.ColBERT.from_pretrained(files["retriever"]).eval(), None, JMLRConfig()).eval()
+    records = ev.read_benchmark(str(files["qa"])).records[:4]
+    candidates = {r.id: list(DOCS)[i:] + list(DOCS)[:i] for i, r in enumerate(records)}   # 9 each, rotated
+    with torch.no_grad():
+        examples, _ = ev.retrieve(model, records, None, candidates, DOCS, 9)
+    one_pass = model.score_candidates(examples).detach()                                 # (4, 9), with gradients
+    L = model.retriever.tokenizer.docs(list(DOCS.values()))[0].size(1)                   # tokens per document
+    for max_tokens in (1, 4 * L, 10 ** 6):             # 1 document per pass, 4 (straddling two lists), all
+        model.cfg.max_pass_tokens = max_tokens
+        with torch.no_grad():
+            scores = ev.retrieve(model, records, None, candidates, DOCS, 9)[1]
+        assert torch.allclose(scores, one_pass, atol=1e-5), f"max_tokens={max_tokens}: {scores} != {one_pass}"
+    path = files["dir"] / "candidates-budget.jsonl"
+    path.write_text("".join(json.dumps({"id": r.id, "doc_ids": ids}) + "\n" for r, ids in zip(records, candidates.values())))
+    rows = [run_eval(files, "--limit", "4", "--retriever", str(files["retriever"]), "--candidates", str(path),
+                     "--k", "2", *budget)["results"] for budget in ([], ["--max-tokens", "1"])]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]   # noqa: E731
+    assert strip(rows[0]) == strip(rows[1]), "--max-tokens must not change the results"
+
+
 def test_a_gold_document_missing_from_the_candidates_counts_as_a_miss(files):
     """Question 0's list lacks its gold document: recall@1 = MRR = 5/6 (train.py's validation counts
     it the same way, through jmlr.gold_index / gold_ranks)."""
@@ -315,10 +340,17 @@ def test_real_benchmarks_parse_with_their_counts():
 # torchrun
 
 def test_two_processes_equal_one(files, tmp_path):
-    """Questions sharded by batch across 2 gloo ranks, results gathered: the same records."""
+    """Questions sharded by batch across 2 gloo ranks, results gathered: the same records. The
+    contamination scan split between the ranks finds one process's flags: every question in both
+    QA files, each reported in the first, although in the second one rank holds it, the other rank
+    the first file's (the second starts with an extra question, which shifts its texts by one)."""
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(json.dumps({"id": "x", "question": "Which germ causes nothing ?", "options": ["a", "b"],
+                                "answer": "A"}) + "\n" + files["qa"].read_text())
     common = [str(files["qa"]), "--llm", str(files["llm"]), "--retriever", "none", str(files["retriever"]),
-              "--corpus", str(files["corpus"]), "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--k", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+              "--corpus", str(files["corpus"]), "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--k", "2",
+              "--contamination", str(files["qa"]), str(leak)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "eval.py", *common, "--out", str(tmp_path / "one.json")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -326,8 +358,11 @@ def test_two_processes_equal_one(files, tmp_path):
                          capture_output=True, text=True, check=False)
     assert two.returncode == 0, two.stderr[-3000:]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
-    assert strip(one) == strip(two), "2 ranks must give exactly the records of 1 process"
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert strip(one["results"]) == strip(two["results"]), "2 ranks must give exactly the records of 1 process"
+    flags = two["contamination"]["qa"]
+    assert [(f["id"], f["source"], f["overlap"]) for f in flags] == [(f"q{i}", str(files["qa"]), 1.0) for i in range(6)]
+    assert one["contamination"] == two["contamination"], "the split contamination scan must find one process's flags"
 
 
 def test_llm_judge_through_an_openai_compatible_endpoint():

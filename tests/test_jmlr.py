@@ -395,3 +395,15 @@ def test_the_prompt_and_target_are_the_tokens_of_the_whole_text(style, tmp_path,
     cut, _ = tokenize_example(tok, long_doc, question, options, target, max_doc_tokens=12)
     full, _ = tokenize_example(tok, [], question, options, target, max_doc_tokens=12)
     assert abs(len(cut) - len(full) - 12) <= 2, f"{len(cut) - len(full)} document tokens, asked for 12"
+
+
+def test_helpfulness_agreement_and_rank_of_the_most_helpful_document_by_hand():
+    from jmlr import helpfulness
+    scores = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [1.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    losses = torch.tensor([[0.1, 0.2, 0.3],      # the same order: every pair agrees, best ranked 1
+                           [0.1, 0.2, 0.3],      # reversed: none agrees, best ranked last
+                           [0.5, 0.1, 0.9],      # (0,1) a score tie: disagrees; (0,2), (1,2) agree; best tied 1st -> 2
+                           [0.2, 0.2, 0.2]])     # no untied pairs: nan; best (the first) ranked 3
+    agreement, best = helpfulness(scores, losses)
+    assert agreement[:3].tolist() == pytest.approx([1.0, 0.0, 2 / 3]) and agreement[3].isnan()
+    assert best.tolist() == [1, 3, 2, 3]

@@ -1,8 +1,13 @@
 """retriever.py against transformers' BertModel, a loop MaxSim, brute-force search, and real
-retrieval on PubMedQA; plus the index's resume, refusal and bad-input behaviour."""
+retrieval on PubMedQA; plus the index's resume, refusal and bad-input behaviour, and the index and
+candidate lists built by 2 torchrun ranks against one process, byte for byte."""
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +21,10 @@ import retriever
 from conftest import CACHE
 from qa_data import pubmedqa_corpus, read_qa
 from retriever import (ColBERT, ColBERTConfig, Index, build_index, default_model_dir, in_batch_loss, maxsim,
-                       read_corpus, write_candidates)
+                       read_corpus, score_candidate_lists, write_candidates)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 WORDS = ("the of and a in to is was for with patients disease treatment drug heart lung kidney liver "
          "blood cancer cell fever pain infection dose risk study trial acute chronic therapy vitamin "
          "scurvy aspirin insulin diabetes ##s ##ing ##ed").split()
@@ -315,6 +321,86 @@ def test_candidates_file_lists_the_top_n_in_order(tiny_index, tmp_path):
     s, i = Index(index_dir).search(Q, qm, 5)
     assert rows[1]["doc_ids"] == [f"doc{j}" for j in i[0].tolist()]
     assert rows[1]["scores"] == sorted(rows[1]["scores"], reverse=True)
+
+
+def test_candidate_lists_scored_in_token_chunks_equal_one_pass(tiny_index):
+    """score_candidate_lists (eval.py's re-scoring) against one pass over all the documents, as
+    jmlr.JMLR.score_candidates computes it: 1 document per pass, 3 per pass (chunks that straddle
+    two queries' lists of 4), and all at once."""
+    model, corpus, _ = tiny_index
+    texts = [t for _, t, _ in read_corpus(corpus)]
+    queries, lists = ["aspirin for pain ?", "insulin in diabetes", "scurvy vitamin"], [texts[0:4], texts[9:13], texts[20:24]]
+    with torch.no_grad():
+        Q, qm = model.encode_queries(queries)
+        D, dm = model.encode_docs([d for docs in lists for d in docs])                # (12, Ld, d): one pass
+        one_pass = maxsim(Q, qm, D.view(3, 4, *D.shape[1:]), dm.view(3, 4, -1))      # (3, 4)
+    for max_tokens in (1, 3 * D.size(1), 10 ** 6):
+        chunked = score_candidate_lists(model, queries, lists, max_tokens)
+        assert chunked.shape == (3, 4) and torch.allclose(chunked, one_pass, atol=1e-5), \
+            f"max_tokens={max_tokens}: {chunked} != one pass {one_pass}"
+    with pytest.raises(ValueError, match="same number of candidates"):
+        score_candidate_lists(model, queries[:2], [texts[0:4], texts[0:3]], 100)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchrun: the ranks share the index build and the candidate lists
+
+def run_cli(nproc: int, *args) -> subprocess.CompletedProcess:
+    """retriever.py's command line in fresh processes: python, or torchrun with nproc gloo ranks."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(launcher + [str(ROOT / "retriever.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def same_files(a: Path, b: Path):
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()), f"{a} and {b} hold different files"
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between {a} and {b}"
+
+
+def test_two_ranks_build_resume_and_list_candidates_as_one_process(tmp_path):
+    """5 shards over 2 gloo ranks: rank 0 encodes shards 1, 3, 5 and rank 1 shards 2, 4 (the log
+    says who), and the index is one process's byte for byte; a build killed with shard 4 missing
+    resumes on 2 ranks to the same bytes, encoding that shard alone; 7 questions in batches of 2,
+    searched by both ranks, give one process's candidate file byte for byte."""
+    _, ckpt = tiny_bert(tmp_path / "bert")
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 45)
+    qa = tmp_path / "qa.jsonl"
+    g = torch.Generator().manual_seed(2)
+    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": random_text(4, g), "options": ["yes", "no"],
+                                      "answer": "A"}) + "\n" for i in range(7)))
+    model = ColBERT.from_pretrained(ckpt, ColBERTConfig(doc_maxlen=12)).eval()   # as the command line loads it
+    build_index(model, corpus, tmp_path / "one", shard_size=10, batch_size=4, model_path=str(ckpt))
+    write_candidates(model, Index(tmp_path / "one"), qa, tmp_path / "one.jsonl", n=5, batch_size=2)
+
+    index = ["index", corpus, tmp_path / "two", "--model", ckpt, "--shard-size", 10, "--batch-size", 4, "--doc-maxlen", 12]
+    log = run_cli(2, *index).stderr
+    encoded = sorted(re.findall(r"rank (\d): shard (\d)/5", log), key=lambda x: x[1])
+    assert encoded == [("0", "1"), ("1", "2"), ("0", "3"), ("1", "4"), ("0", "5")], f"shards by rank: {encoded}\n{log}"
+    same_files(tmp_path / "one", tmp_path / "two")
+
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())     # as a killed build leaves it
+    (tmp_path / "two" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}, indent=2))
+    (tmp_path / "two" / "shard_00003.safetensors").unlink()
+    log = run_cli(2, *index).stderr
+    assert re.findall(r"rank (\d): shard (\d)/5", log) == [("1", "4")], f"the resumed build encoded:\n{log}"
+    same_files(tmp_path / "one", tmp_path / "two")
+
+    run_cli(2, "candidates", qa, tmp_path / "two", tmp_path / "two.jsonl", "--num-candidates", 5, "--batch-size", 2)
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes(), \
+        "2 ranks must write one process's candidate file"
+
+
+def test_sharing_among_ranks_needs_their_process_group(tiny_index, tmp_path):
+    model, corpus, _ = tiny_index
+    with pytest.raises(ValueError, match="rank=1, world=2: sharing work among ranks needs torch.distributed"):
+        build_index(model, corpus, tmp_path / "new", rank=1, world=2)
+    assert not (tmp_path / "new").exists()
 
 
 # ------------------------------------------------------------------------------------------------

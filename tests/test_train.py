@@ -188,6 +188,16 @@ def test_collectives_receive_their_tensors_on_the_process_groups_device(monkeypa
     assert seen == [model.llm.embed_tokens.weight.device]
 
 
+def test_candidates_built_under_torchrun_equal_one_process(tmp_path):
+    """Without a candidate file every rank takes part in the index build and the search (no rank
+    waits at a barrier for another's hours of work), and the file is the one a single process writes."""
+    for nproc in (1, 2):
+        run_train(SMALL + ["--steps=1", f"--candidates={tmp_path}/c{nproc}.jsonl", f"--out_dir={tmp_path}/run{nproc}"],
+                  nproc=nproc)
+    one, two = (tmp_path / "c1.jsonl").read_bytes(), (tmp_path / "c2.jsonl").read_bytes()
+    assert one == two and one.count(b"\n") > 400
+
+
 def test_bf16_autocast_trains_like_fp32(tmp_path):
     """--autocast=bf16 (bf16 autocast on any device, what a GPU run does) follows fp32's losses
     within bf16's precision for a few steps of the small demo."""

@@ -53,7 +53,7 @@ class JMLRConfig:
     rank_weight: float = 1.0      # lambda in L = L_gen + lambda * L_rank
     max_doc_tokens: int = 180     # each document is cut to this many LLM tokens in the prompt
     confidence_margin: float = 0.5   # curriculum: a question is "confident" when s_top1 - s_top2 > this
-    max_pass_tokens: int = 32768  # no-gradient LLM passes (step 3, option scoring) in chunks of at most this many tokens
+    max_pass_tokens: int = 32768  # no-gradient passes (step 3, option scoring) in chunks of at most this many tokens
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -198,7 +198,7 @@ def sample_documents(scores: torch.Tensor, m: int, tau: float, minmax_scale: boo
     softmax(s / tau) at a small tau gets exact zeros and fills the remaining draws with the
     highest-index candidates. The noise is drawn on the generator's own device, so a CPU generator
     draws the same documents whatever device the scores are on. No gradient flows through the draw."""
-    # assignment: sampling: keys log softmax(s.detach() / tau) - log Exp(1) noise (minmax_scale: s to [-1, 1] first); the top m
+    # assignment: sampling: keys log softmax(s.detach() / tau) - log(Exp(1) noise) (minmax_scale first); the top m
     s = scores.detach().float()
     if minmax_scale:   # the official code's scaling to [-1, 1]: nearly uniform draws for small tau
         lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)

@@ -1,0 +1,136 @@
+"""checkpoints.py: train.py's checkpoints: atomic directories, HF-format exports, exact resume.
+
+out_dir/checkpoints/step_NNNNNN/ holds llm/ and retriever/ in their HF formats (LoRA merged, loadable
+by llama.py, retriever.py and transformers), option_head.safetensors, and what an exact resume
+needs: trainable.safetensors (every trainable parameter, unmerged), optimizer.pt (loaded with
+weights_only=True), rng_RANK.pt and state.json (the step, which fixes the data position, and the
+config). A checkpoint is written as step_NNNNNN.tmp and renamed when complete, so a crash during a
+save leaves the previous one intact; `latest` names the newest. Under FSDP2 the full state dict is
+gathered (a collective: every rank calls save_checkpoint) and rank 0 writes.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import retriever as rt
+from jmlr import JMLR, OptionHead
+from llama import Llama, add_lora, atomic_write
+
+if TYPE_CHECKING:                     # train.py imports this file; the config class is only named here
+    from train import TrainConfig
+
+
+def plain_modules(model: JMLR, state: dict, cfg: "TrainConfig") -> tuple[Llama, rt.ColBERT | None]:
+    """The LLM and the retriever as ordinary modules holding whole tensors, for HF-format exports:
+    the model's own under DDP or one process; under FSDP2 copies built on the meta device and
+    filled from the gathered full state dict (sharded parameters cannot be saved directly)."""
+    llm = model.llm.llm if isinstance(model.llm, OptionHead) else model.llm
+    from torch.distributed.tensor import DTensor
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return llm, model.retriever
+    prefix = "llm.llm." if isinstance(model.llm, OptionHead) else "llm."
+    with torch.device("meta"):
+        plain = Llama(llm.cfg)
+        if cfg.use_lora:
+            add_lora(plain, cfg.lora)
+    plain.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, assign=True)
+    if plain.cfg.tie_word_embeddings:
+        plain.lm_head.weight = plain.embed_tokens.weight
+    retriever = None
+    if model.retriever is not None:
+        r = model.retriever
+        with torch.device("meta"):
+            retriever = rt.ColBERT(r.bert_cfg, r.cfg, r.tokenizer.tok)
+        retriever.load_state_dict({k.removeprefix("retriever."): v for k, v in state.items()
+                                   if k.startswith("retriever.")}, assign=True)
+    return plain, retriever
+
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", step: int, rank: int):
+    """out_dir/checkpoints/step_NNNNNN/: llm/ and retriever/ in their HF formats (LoRA merged;
+    loadable by llama.py, retriever.py and transformers), option_head.safetensors, and for the exact
+    resume: trainable.safetensors (every trainable parameter, unmerged), optimizer.pt, rng_RANK.pt and
+    state.json (step = data position, config). Written as step_NNNNNN.tmp and renamed when complete,
+    so a crash during a save leaves the previous checkpoint intact. Keeps the last cfg.keep_last."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=opts)                  # collective under FSDP
+    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    root = Path(cfg.out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]   # tied weights once
+        save_file({n: state[n].contiguous() for n in trainable}, tmp / "trainable.safetensors")
+        torch.save(optim, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "examples_seen": step * cfg.batch_size,
+                                                    "config": asdict(cfg)}, indent=1, default=str))
+    if rank == 0:
+        llm, retriever = plain_modules(model, state, cfg)
+        llm.save_pretrained(tmp / "llm")
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+            if (Path(cfg.llm) / name).is_file():
+                shutil.copy(Path(cfg.llm) / name, tmp / "llm" / name)
+        if isinstance(model.llm, OptionHead):
+            save_file({k: v.contiguous() for k, v in state.items() if k.startswith(("llm.query.", "llm.key."))},
+                      tmp / "option_head.safetensors")
+        if retriever is not None:
+            retriever.save_pretrained(tmp / "retriever")
+    if dist.is_initialized():
+        dist.barrier()
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)                                            # the commit point
+        atomic_write(root / "latest", lambda p: Path(p).write_text(final.name))
+        done = sorted(d for d in root.glob("step_*") if not d.name.endswith(".tmp"))
+        for old in done[:-cfg.keep_last]:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", rank: int) -> int:
+    """Restore the last complete checkpoint into a freshly built model -> the step to continue
+    from (0 when there is none). Frozen weights come from the same sources as at the start."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    root = Path(cfg.out_dir) / "checkpoints"
+    if not (root / "latest").is_file():
+        return 0
+    ckpt = root / (root / "latest").read_text().strip()
+    saved = json.loads((ckpt / "state.json").read_text())
+    for key in ("steps", "batch_size", "seed", "jmlr"):
+        if saved["config"][key] != json.loads(json.dumps(asdict(cfg)[key])):
+            raise ValueError(f"{ckpt}: saved with {key}={saved['config'][key]!r}, now {asdict(cfg)[key]!r}; "
+                             "resume with the same settings or use a new out_dir")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, load_file(ckpt / "trainable.safetensors"), options=opts)
+    set_optimizer_state_dict(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True), options=opts)
+    rng_file = ckpt / f"rng_{rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return saved["step"]

@@ -512,6 +512,10 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
     if warmup_steps and not pool:
         raise ValueError("no confident questions for the curriculum: lower jmlr.confidence_margin or set curriculum=0")
     wrapped = wrap(model, cfg, device, world)
+    if rank == 0:
+        kind = "FSDP2" if dist.is_initialized() and cfg.fsdp else "DDP" if dist.is_initialized() else "not wrapped"
+        print(f"model: {kind}, {world} rank(s) on {device.type}"
+              + (f" ({dist.get_backend()})" if dist.is_initialized() else ""), flush=True)
     optimizer = make_optimizer(model, cfg)
     step = load_checkpoint(model, optimizer, cfg, rank) if cfg.resume else 0
     if step and rank == 0:

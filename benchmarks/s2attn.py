@@ -75,7 +75,7 @@ def s2_pairs(T: int, G: int, H: int) -> int:
     """(query, key) pairs S2-Attn's mask allows, summed over heads: g(g+1)/2 per group of size g."""
     total = 0
     for shifted in [False] * (H - H // 2) + [True] * (H // 2):     # the last H//2 heads are shifted
-        first = G // 2 if shifted else G                            # end of the first group
+        first = G // 2 if shifted and G < T else G                  # end of the first group (G >= T: no shift)
         bounds = [0] + list(range(first, T, G)) + [T]
         total += sum(causal_pairs(b - a) for a, b in zip(bounds, bounds[1:]))
     return total

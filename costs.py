@@ -34,7 +34,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -113,16 +113,18 @@ def llm_shape(cfg: train.TrainConfig) -> tuple[LlamaConfig, str]:
 
 
 def retriever_shape(cfg: train.TrainConfig) -> tuple[rt.BertConfig, rt.ColBERTConfig, str]:
-    """config.json (+ its ColBERT settings, as ColBERT.from_pretrained reads them), else ColBERTv2."""
+    """config.json (+ its ColBERT settings, as ColBERT.from_pretrained reads them), else ColBERTv2;
+    cfg.query_maxlen / doc_maxlen replace them where set, as train.load_retriever does."""
+    settings = {k: getattr(cfg, k) for k in ("query_maxlen", "doc_maxlen") if getattr(cfg, k)}
     path = Path(model_dir(cfg, "retriever") or "-") / "config.json"
     if not path.is_file():
-        return rt.BertConfig(), rt.ColBERTConfig(), ("assumed: ColBERTv2 = BERT-base shape + 128-dim projection "
-                                                     f"(no config.json at --retriever={cfg.retriever!r})")
+        return rt.BertConfig(), replace(rt.ColBERTConfig(), **settings), (
+            f"assumed: ColBERTv2 = BERT-base shape + 128-dim projection (no config.json at --retriever={cfg.retriever!r})")
     hf = json.loads(path.read_text())
     meta = path.parent / "artifact.metadata"
     saved = hf.get("colbert") or (json.loads(meta.read_text()) if meta.is_file() else {})
     colbert = rt.ColBERTConfig(**{f.name: saved[f.name] for f in fields(rt.ColBERTConfig) if f.name in saved})
-    return rt.BertConfig.from_hf(hf, path), colbert, str(path)
+    return rt.BertConfig.from_hf(hf, path), replace(colbert, **settings), str(path)
 
 
 def meta_models(cfg: train.TrainConfig, shape: LlamaConfig, bert: rt.BertConfig, colbert: rt.ColBERTConfig):

@@ -33,7 +33,7 @@ import string
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -243,11 +243,12 @@ class ColBERT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, cfg: ColBERTConfig | None = None,
-                        device: str | torch.device = "cpu") -> "ColBERT":
+                        device: str | torch.device = "cpu", **settings) -> "ColBERT":
         """Load a BERT directory (plain `embeddings.*`/`encoder.*` keys, or ColBERTv2's `bert.*` +
         `linear.weight`). Without `linear.weight` the projection is drawn from a fixed seed, so
         two loads of the same encoder give the same retriever. ColBERT settings come from `cfg`,
-        else from config.json's "colbert" entry (our saves) or artifact.metadata (ColBERTv2)."""
+        else from config.json's "colbert" entry (our saves) or artifact.metadata (ColBERTv2);
+        `settings` (query_maxlen=512, ...) replace single fields of either."""
         ckpt_dir = Path(ckpt_dir)
         cfg_path = ckpt_dir / "config.json"
         if not cfg_path.is_file():
@@ -257,6 +258,11 @@ class ColBERT(nn.Module):
             meta = ckpt_dir / "artifact.metadata"
             saved = hf.get("colbert") or (json.loads(meta.read_text()) if meta.is_file() else {})
             cfg = ColBERTConfig(**{f.name: saved[f.name] for f in fields(ColBERTConfig) if f.name in saved})
+        cfg = replace(cfg, **settings)
+        longest = hf.get("max_position_embeddings", 512)
+        for name, value in settings.items():
+            if name in ("query_maxlen", "doc_maxlen") and value > longest:
+                raise ValueError(f"{ckpt_dir}: {name}={value}, but this BERT has {longest} positions; use at most {longest}")
         with torch.device("meta"):
             model = cls(BertConfig.from_hf(hf, cfg_path), cfg, load_wordpiece(ckpt_dir))
         files = checkpoint_files(ckpt_dir)

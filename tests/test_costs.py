@@ -238,7 +238,10 @@ def test_static_bytes_match_build_model_and_adamw(tmp_path):
     assert any(p.dtype == torch.bfloat16 for p in params)              # the frozen base really is bf16
 
 
-LORA_QKVO = lambda C, L: L * 4 * 8 * 2 * C   # noqa: E731  rank 8 on q, k, v, o (C x C each): r * (in + out)
+def lora_params(C: int, F: int, L: int, V: int, r: int = 128) -> int:
+    """The presets' LoRA, by hand: r * (in + out) per adapter; q, k, v, o are C x C (no GQA in
+    Llama-2-7B/13B), gate and up C -> F, down F -> C, in every layer, and lm_head C -> V once."""
+    return L * r * (4 * 2 * C + 3 * (C + F)) + r * (C + V)
 
 
 def test_dry_run_llama2_presets(capsys):
@@ -247,10 +250,10 @@ def test_dry_run_llama2_presets(capsys):
     e13 = costs.dry_run(train.parse_args(["--preset=llama2-13b", "--dry_run=True"]), world=8)
     out = capsys.readouterr().out
     assert "Llama-2-13B" in out and "GPU-hours" in out and "peak, training" in out
-    assert e13["llm"]["total"] == 13_015_864_320 + LORA_QKVO(5120, 40)
+    assert e13["llm"]["total"] == 13_015_864_320 + lora_params(5120, 13824, 40, 32000)
     assert e13["retriever"]["total"] == 109_482_240 - (768 * 768 + 768) + 768 * 128   # BERT-base - pooler + projection
     e7 = costs.estimate(train.parse_args(["--preset=llama2-7b", "--dry_run=True"]), costs.CostSettings(world=8))
-    assert e7["llm"]["total"] == 6_738_415_616 + LORA_QKVO(4096, 32)
+    assert e7["llm"]["total"] == 6_738_415_616 + lora_params(4096, 11008, 32, 32000)
     assert "Llama-2-7B" in e7["llm_source"]
     one = costs.estimate(train.parse_args(["--preset=llama2-13b", "--dry_run=True"]), costs.CostSettings(world=1))
     for key in ("parameters", "gradients (fp32)", "AdamW state (2 x fp32)"):

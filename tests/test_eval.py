@@ -356,7 +356,8 @@ def test_two_processes_equal_one(files, tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "eval.py", *common, "--out", str(tmp_path / "two.json")], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=False)
-    assert two.returncode == 0, two.stderr[-3000:]
+    errors = [line for line in two.stderr.splitlines() if "Error" in line or "error" in line]
+    assert two.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + two.stderr[-3000:]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert strip(one["results"]) == strip(two["results"]), "2 ranks must give exactly the records of 1 process"

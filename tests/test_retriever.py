@@ -460,3 +460,14 @@ def test_pubmedqa_recall_at_10_with_minilm():
     print("PubMedQA " + ", ".join(f"recall@{k} = {r:.3f}" for k, r in recalls.items()))   # README's figures
     recall = recalls[10]
     assert recall >= 0.97, f"recall@10 {recall:.3f} below the measured 0.984 (floor 0.97)"
+
+
+def test_query_and_document_lengths_are_settings(tmp_path):
+    """ColBERTv2 cuts queries at 32 tokens, which drops the question of a USMLE vignette; the length
+    is a setting (train.py's query_maxlen), checked against the encoder's positions."""
+    _, ckpt = tiny_bert(tmp_path)
+    model = ColBERT.from_pretrained(ckpt, query_maxlen=48, doc_maxlen=20)
+    Q, _ = model.encode_queries(["aspirin"])
+    assert (model.cfg.query_maxlen, model.cfg.doc_maxlen, Q.shape[1]) == (48, 20, 48)
+    with pytest.raises(ValueError, match="query_maxlen=999.*positions"):
+        ColBERT.from_pretrained(ckpt, query_maxlen=999)

@@ -103,6 +103,14 @@ def test_demo_knowledge_base_needs_retrieval(small_demo):
     assert len(test) == 40 * 4 * 3
 
 
+def test_colbert_lengths_reach_the_retriever(small_demo):
+    _, paths = small_demo
+    cfg = train.parse_args([f"--{k}={v}" for k, v in paths.items()] + ["--query_maxlen=24", "--doc_maxlen=20"])
+    retriever = train.build_model(cfg, torch.device("cpu")).retriever
+    assert (retriever.cfg.query_maxlen, retriever.cfg.doc_maxlen) == (24, 20)
+    assert train.parse_args(["--preset=llama2-7b", "--dry_run=True"]).query_maxlen == 512   # the official setting
+
+
 def test_optimizer_groups_apply_each_models_learning_rate(small_demo):
     """The official code's group prefix never matched; here one SGD-like Adam step moves each
     model's parameters by its own learning rate (Adam's first step is lr * sign(grad))."""

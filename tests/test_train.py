@@ -162,8 +162,11 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 def test_fsdp2_two_ranks_equal_one_process(tmp_path):
+    """FSDP2 on 2 gloo ranks == 1 process. A small max_pass_tokens cuts the no-gradient passes into
+    chunks whose number differs between the ranks' questions: each pass gathers the sharded
+    weights, so without equal pass counts (jmlr.JMLR.equal_passes) a rank would wait forever."""
     perturbed_demo(tmp_path)
-    args = SMALL + ["--steps=3", f"--out_dir={tmp_path}/PLACE"]
+    args = SMALL + ["--steps=3", f"--out_dir={tmp_path}/PLACE", "--jmlr.max_pass_tokens=150"]
     run_train([a.replace("PLACE", "one") for a in args])
     run_train([a.replace("PLACE", "fsdp") for a in args] + ["--fsdp=True"], nproc=2)
     assert_same(final_params(tmp_path / "one"), final_params(tmp_path / "fsdp"))

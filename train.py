@@ -400,8 +400,11 @@ def evaluate(model: nn.Module, examples: list[Example], cfg: TrainConfig, rank: 
     jmlr.eval()
     k, bs, device = cfg.jmlr.top_k, cfg.eval_batch_size, jmlr.llm.embed_tokens.weight.device
     # correct, n, hit@1, hit@k, n with gold; agreement sum, n with agreement, best@1, best@k, n scored
-    sums = torch.zeros(10, dtype=torch.float64, device=device)
-    add = lambda at, *values: sums[at:at + len(values)].add_(torch.tensor(values, dtype=sums.dtype, device=device))  # noqa: E731
+    sums = [0.0] * 10
+
+    def add(at: int, *values):
+        for j, value in enumerate(values, start=at):
+            sums[j] += float(value)
     for idx in rank_batches(len(examples), bs, rank, world):
         batch = [examples[i % len(examples)] for i in idx]
         with autocast(cfg, device):
@@ -422,6 +425,7 @@ def evaluate(model: nn.Module, examples: list[Example], cfg: TrainConfig, rank: 
                 if not math.isnan(agree):
                     add(5, agree, 1)
                 add(7, rank_of_best <= 1, rank_of_best <= k, 1)
+    sums = torch.tensor(sums, dtype=torch.float64, device=device)      # on the process group's device
     if dist.is_initialized():
         dist.all_reduce(sums)
     jmlr.train(was_training)

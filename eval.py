@@ -1,17 +1,23 @@
 """eval.py: medical QA accuracy with and without retrieval, side by side, for any checkpoint.
 
-For every benchmark x LLM checkpoint x retriever x answer mode, one row: accuracy with a Wilson 95%
-interval, per subject where the data has subjects, retrieval recall@k and MRR where the gold
-documents are known (PubMedQA, the built-in demo), and, on request, rationale overlap scores. The
-prompt is jmlr.py's (`format_context`, `tokenize_example`), the one training uses.
+For every benchmark x LLM checkpoint x retriever x answer mode (x scoring rule), one row: accuracy
+with a Wilson 95% interval, per subject where the data has subjects, retrieval recall@k and MRR where
+the gold documents are known (PubMedQA, the built-in demo), and, on request, rationale overlap
+scores and the documents' helpfulness. The prompt is jmlr.py's (`format_context`,
+`tokenize_example`), the one training uses. Tables: eval_tables.py.
 
 Benchmarks (qa_data.read_qa): MedQA / Amboss jsonl, MedMCQA jsonl, MMLU CSV (a directory of
 them: the subsets one by one and their mean), PubMedQA json, train.py's generic jsonl.
 
 Answer modes:
-  likelihood  the option X whose target ' X. option text' has the lowest mean NLL after the prompt
-              (jmlr.JMLR.option_losses; here with the prompt run once and its KV cache shared by the
-              options). Never fails to parse.
+  likelihood  the option with the lowest loss after the prompt by each scoring rule of --score (a row
+              each, all from one pass: `option_scores`). Never fails to parse. `letter`: the NLL of
+              ' X' alone, as lm-evaluation-harness scores MMLU; `sum`: the NLL of the target ' X.
+              option text' + EOS; `mean`: that per token (jmlr.JMLR.option_losses, train.py's
+              validation rule; the default, so that figures stay comparable). Their biases, seen with
+              SmolLM2-135M on MMLU-Medical --limit 25 (150 questions): mean favours long options (it
+              picks the longest 42% of the time, the longest is right 32%), sum short ones (23%),
+              letter the letter the model prefers (A, 149 times: a row's "predicted" shows it).
   generate    greedy generation after the prompt, then the answer letter is read from the text
               (`extract_letter`); the share of answers it cannot read is reported as `unparsed`.
 
@@ -21,13 +27,16 @@ cached), from a built --index, or, with --candidates, from re-scoring each quest
 list as training does (which reproduces train.py's test numbers exactly).
 
 Also: rationale scores (a term-level F1, a stand-in for the paper's UMLS-F; optionally an LLM
-judge), a contamination check (--contamination), and --ask for one question of your own.
+judge), --helpfulness (the LLM's loss given each retrieved document alone: which help, and does the
+retriever rank them first), a contamination check, and --ask for one question of your own. --out:
+the rows, and a record per question and row, to compare two runs question by question.
 
 Run:
-    python eval.py ../shared/data/mmlu_medical --llm checkpoints/smollm2-135m
+    python eval.py ../shared/data/mmlu_medical --llm checkpoints/smollm2-135m --score letter sum mean
     python eval.py ../shared/data/pubmedqa/ori_pqal.json --llm checkpoints/smollm2-135m \\
         --retriever none minilm --corpus ../shared/data/pubmedqa/ori_pqal.json --sweep
-    python eval.py test.jsonl --llm runs/demo/jmlr --retriever none trained --corpus corpus.jsonl --out r.json
+    python eval.py test.jsonl --llm runs/demo/jmlr --retriever none trained --corpus corpus.jsonl --out r.json \\
+        --helpfulness --depth 16     # which documents help the LLM; per-question records in r.json
     python eval.py medqa_test.jsonl --contamination corpus.jsonl train.jsonl --llm ...   # leak check
     python eval.py --ask "Which vitamin deficiency causes scurvy?" --llm ... --retriever minilm --corpus ...
     torchrun --nproc_per_node=8 eval.py ...            # index build, contamination and questions shared, gathered
@@ -47,7 +56,7 @@ import time
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,12 +65,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import retriever as rt
-from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, tokenize_example
+from eval_tables import contamination_report, help_reports, results_table, subject_table, sweep_table
+from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, helpfulness, tokenize_example
 from llama import Llama, Tokenizer, atomic_write
 from qa_data import QA_FORMATS, QARecord, pubmedqa_corpus, read_qa
 from train import read_candidates, resolve_retriever, setup_distributed
 
 Z95 = 1.959964   # the standard normal's 97.5% quantile
+SCORES = ("letter", "sum", "mean")                                        # likelihood's scoring rules (docstring)
+ROW_KEYS = ("benchmark", "checkpoint", "retriever", "mode", "score", "k")   # a row's system; its records carry them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,28 +354,36 @@ def open_index(model: rt.ColBERT, corpus: Path | None, cache: Path, rank: int, w
 # Answering one question
 
 @torch.no_grad()
-def option_losses(model: JMLR, ex: Example, docs: list[str]) -> torch.Tensor:
-    """(n,) mean NLL of ' X. option text' + EOS after the prompt, for each option X: the same values
-    as jmlr.JMLR.option_losses (tests/test_eval.py checks it), with the prompt run once and its
-    KV cache shared by the n options instead of run n times (an option head scores all at once)."""
+def option_scores(model: JMLR, ex: Example, docs: list[str]) -> dict[str, torch.Tensor]:
+    """Each scoring rule's (n,) losses of the n options from one pass: the prompt run once, its KV
+    cache shared by the targets ' X. option text' + EOS (mean: jmlr.JMLR.option_losses's values). The
+    letter ' X' is the prompt's continuation as tokenize_example encodes it; its tokens start the
+    target with most tokenizers (SmolLM2's byte-level BPE: 'ĠA' '.'), whose NLLs are then read off,
+    else (' A.' one token) the n letters alone join the pass. An option head has one loss per option."""
     if not isinstance(model.llm, Llama):
-        return model.option_losses([ex], [docs])[0]
-    llm, n = model.llm, len(ex.options)
-    rows = [tokenize_example(model.tok, docs, ex.question, ex.options, format_target(x, text), model.cfg.max_doc_tokens)
-            for x, text in ex.options.items()]
-    P = rows[0][1].count(-100)                                          # the prompt: unlabelled, equal in every row
-    answers = [tokens[P:] for tokens, _ in rows]
-    A = max(len(a) for a in answers)
-    device = llm.embed_tokens.weight.device
+        return dict.fromkeys(SCORES, model.option_losses([ex], [docs])[0])
+    llm, n, device = model.llm, len(ex.options), model.llm.embed_tokens.weight.device
+    tokenize = lambda target: tokenize_example(model.tok, docs, ex.question, ex.options, target,  # noqa: E731
+                                               model.cfg.max_doc_tokens)
+    rows = [tokenize(format_target(x, text)) for x, text in ex.options.items()] + [tokenize(f" {x}") for x in ex.options]
+    P = rows[0][1].count(-100)                                          # the prompt: unlabelled
+    if any(labels.count(-100) != P for _, labels in rows):
+        raise ValueError("the tokenizer merges the prompt's end with a target's start: no prompt shared by the options")
+    answers, letters = [t[P:] for t, _ in rows[:n]], [t[P:-1] for t, _ in rows[n:]]   # with EOS; letters without
+    own = all(a[:len(lt)] == lt for a, lt in zip(answers, letters))    # the letter's tokens start its target
+    seqs = answers + ([] if own else letters)                           # R = n or 2n rows
+    R, A = len(seqs), max(len(a) for a in seqs)
     cache = llm.new_cache(1, P + A)
     h_prompt = llm.hidden_states(torch.tensor([rows[0][0][:P]], device=device), cache, 0)[:, -1:]   # (1, 1, C)
-    cache = [(k.expand(n, -1, -1, -1).clone(), v.expand(n, -1, -1, -1).clone()) for k, v in cache]
-    tokens = torch.tensor([a + [model.pad_id] * (A - len(a)) for a in answers], device=device)    # (n, A)
-    h = llm.hidden_states(tokens[:, :-1], cache, P) if A > 1 else tokens.new_zeros(n, 0, h_prompt.size(-1))
-    h = torch.cat([h_prompt.expand(n, 1, -1), h], dim=1)               # (n, A, C): position j predicts token j
-    nll = F.cross_entropy(llm.lm_head(h).float().flatten(0, 1), tokens.flatten(), reduction="none").view(n, A)
-    keep = torch.arange(A, device=device)[None] < torch.tensor([len(a) for a in answers], device=device)[:, None]
-    return (nll * keep).sum(1) / keep.sum(1)
+    cache = [(k.expand(R, -1, -1, -1).clone(), v.expand(R, -1, -1, -1).clone()) for k, v in cache]
+    tokens = torch.tensor([a + [model.pad_id] * (A - len(a)) for a in seqs], device=device)       # (R, A)
+    h = llm.hidden_states(tokens[:, :-1], cache, P) if A > 1 else tokens.new_zeros(R, 0, h_prompt.size(-1))
+    h = torch.cat([h_prompt.expand(R, 1, -1), h], dim=1)               # (R, A, C): position j predicts token j
+    nll = F.cross_entropy(llm.lm_head(h).float().flatten(0, 1), tokens.flatten(), reduction="none").view(R, A)
+    upto = lambda lengths: torch.arange(A, device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # noqa: E731
+    total = (nll[:n] * upto([len(a) for a in answers])).sum(1)         # (n,)
+    letter = (nll[:n] if own else nll[n:]) * upto([len(lt) for lt in letters])   # (n, A): the letters alone
+    return {"letter": letter.sum(1), "sum": total, "mean": total / torch.tensor([len(a) for a in answers], device=device)}
 
 
 def prompt_tokens(model: JMLR, ex: Example, docs: list[str]) -> list[int]:
@@ -397,67 +417,101 @@ class Settings:
     ks: tuple[int, ...] = (7,)      # documents in the prompt; several for the sweep
     depth: int = 100                # documents retrieved per question (recall and MRR are @ this depth)
     batch_size: int = 8
+    scores: tuple[str, ...] = ("mean",)   # likelihood: the scoring rules (SCORES), each its own row
     rationale: bool = False
     max_new_tokens: int = 0         # 0: 16 for an answer, 192 with a rationale
     judge: str | None = None        # an OpenAI-compatible base URL: rationales graded by an LLM too
     judge_model: str = ""
+    helpfulness: bool = False       # the LLM's loss given each retrieved document alone (document_help)
 
 
 def retrieve(model: JMLR, records: list[QARecord], index: rt.Index | None, candidates: dict | None,
-             corpus: dict | None, depth: int) -> tuple[list[Example], torch.Tensor | None]:
+             corpus: dict | None, depth: int) -> tuple[list[Example], torch.Tensor | None, list[list[str]] | None]:
     """Examples with `depth` documents each and the gold document's position among them (None when
-    absent), and the retriever's scores of those documents (B, depth); no retriever: no documents and
-    None. From the index (documents best first), or by re-scoring each question's candidate list
-    with the retriever (documents in the list's order), as training does (JMLR.score_candidates,
-    without gradients: at most --max-tokens document tokens per pass)."""
+    absent), the retriever's scores of those documents (B, depth) and their ids; no retriever: no
+    documents, None and None. From the index (documents best first), or by re-scoring each
+    question's candidate list with the retriever (documents in the list's order), as training does
+    (JMLR.score_candidates, without gradients: at most --max-tokens document tokens per pass)."""
     examples = [Example(r.question, r.options, "", [], None, r.answer) for r in records]
     if model.retriever is None:
-        return examples, None
+        return examples, None, None
     if candidates is not None:
+        ids = []
         for r, ex in zip(records, examples):
             if r.id not in candidates:
                 raise ValueError(f"question {r.id!r} has no candidate list; build them for this benchmark")
-            ids = candidates[r.id][:depth]
-            missing = [d for d in ids if d not in corpus]
+            ids.append(candidates[r.id][:depth])
+            missing = [d for d in ids[-1] if d not in corpus]
             if missing:
                 raise ValueError(f"question {r.id!r}: candidate {missing[0]!r} is not in --corpus; give the corpus "
                                  "the candidate lists were built from")
-            ex.candidates, ex.gold = [corpus[d] for d in ids], gold_index(ids, r.gold_doc)
-        return examples, model.score_candidates(examples)                           # (B, N), no gradients
+            ex.candidates, ex.gold = [corpus[d] for d in ids[-1]], gold_index(ids[-1], r.gold_doc)
+        return examples, model.score_candidates(examples), ids                      # (B, N), no gradients
     Q, q_mask = model.retriever.encode_queries([r.question for r in records])
     scores, docs = index.search(Q, q_mask, depth)                                  # (B, depth) each
-    for ex, r, dd in zip(examples, records, docs.tolist()):
-        ids = [index.ids[d] for d in dd]
-        ex.candidates, ex.gold = [index.text(d) for d in dd], gold_index(ids, r.gold_doc)
-    return examples, scores
+    ids = [[index.ids[d] for d in dd] for dd in docs.tolist()]
+    for ex, r, dd, di in zip(examples, records, docs.tolist(), ids):
+        ex.candidates, ex.gold = [index.text(d) for d in dd], gold_index(di, r.gold_doc)
+    return examples, scores, ids
+
+
+@torch.no_grad()
+def document_help(model: JMLR, records: list[QARecord], examples: list[Example], scores: torch.Tensor,
+                  ids: list[list[str]]) -> list[dict]:
+    """--helpfulness, per question: the LLM's loss (mean NLL) of the gold answer ' X. text' given each
+    retrieved document alone (JMLR.candidate_losses, training's step 3) and given none; the documents
+    best first (scores, losses, first 100 characters); the most helpful (lowest loss, first of ties);
+    and jmlr.helpfulness's agreement (nan: no losses differ) and rank of the most helpful document."""
+    golds = [replace(ex, target=format_target(r.answer, r.options[r.answer])) for r, ex in zip(records, examples)]
+    losses = model.candidate_losses(golds)                                           # (B, N)
+    alone = model.llm_losses([tokenize_example(model.tok, [], ex.question, ex.options, ex.target, model.cfg.max_doc_tokens)
+                              for ex in golds])                                      # (B,) with no document
+    agreement, best = helpfulness(scores, losses)                                    # (B,) each
+    out = []
+    for b, ex in enumerate(golds):
+        docs = [{"id": ids[b][j], "score": round(float(scores[b, j]), 4), "loss": round(float(losses[b, j]), 4),
+                 "text": ex.candidates[j][:100]} for j in scores[b].argsort(descending=True, stable=True).tolist()]
+        out.append({"question": ex.question, "no_document": round(float(alone[b]), 4), "documents": docs,
+                    "most_helpful": ids[b][int(losses[b].argmin())], "agreement": float(agreement[b]),
+                    "best_rank": int(best[b])})
+    return out
 
 
 def answer_batch(model: JMLR, records: list[QARecord], examples: list[Example], scores: torch.Tensor | None,
-                 settings: Settings) -> list[dict]:
-    """One result per question: the gold document's rank, and for every k whether the answer was
-    right (and what generation wrote)."""
+                 ids: list[list[str]] | None, settings: Settings) -> list[dict]:
+    """One result per question: its id, subject, answer, the gold document's rank, and under
+    "answers", for every k and scoring rule (None in generate mode) the entry of its question
+    record (`question_records`): the prediction, whether it is right, the option losses or the
+    generated text, and the documents in the prompt [[id, score], ...] best first."""
     ks = settings.ks if scores is not None else (0,)
     ranks = gold_ranks(scores, examples) if scores is not None else [None] * len(examples)
-    top = {k: model.top_documents(examples, scores, k)[0] if k else [[] for _ in examples] for k in ks}  # best last
+    top = {k: model.top_documents(examples, scores, k) for k in ks if k}            # (docs best last, (B, k))
+    helped = document_help(model, records, examples, scores, ids) if settings.helpfulness and ids else None
     out = []
     for i, (r, ex) in enumerate(zip(records, examples)):
-        res = {"id": r.id, "subject": r.subject, "rank": ranks[i]}   # the gold document's rank (gold_ranks)
+        res = {"id": r.id, "subject": r.subject, "answer": r.answer, "rank": ranks[i], "answers": {}}
+        res |= {"help": helped[i]} if helped else {}
         for k in ks:
-            docs = top[k][i]
+            docs = top[k][0][i] if k else []
+            shown = [[ids[i][j], round(float(scores[i, j]), 4)] for j in top[k][1][i].tolist()] if k else []
             if settings.mode == "likelihood":
-                pred = list(ex.options)[int(option_losses(model, ex, docs).argmin())]
-                res[k] = {"correct": pred == ex.answer, "pred": pred}
+                losses = option_scores(model, ex, docs)                              # rule -> (n,)
+                for rule in settings.scores:
+                    pred = list(ex.options)[int(losses[rule].argmin())]
+                    res["answers"][k, rule] = {"pred": pred, "correct": pred == ex.answer, "docs": shown,
+                                               "losses": dict(zip(ex.options, (round(v, 4) for v in losses[rule].tolist())))}
             else:
                 budget = settings.max_new_tokens or (192 if settings.rationale else 16)
                 text = generate_answer(model, ex, docs, budget, stop_at_newline=not settings.rationale)
                 pred = extract_letter(text, ex.options)
-                res[k] = {"correct": pred == ex.answer, "pred": pred, "parsed": pred is not None, "text": text}
+                a = res["answers"][k, None] = {"pred": pred, "correct": pred == ex.answer, "docs": shown,
+                                               "parsed": pred is not None, "text": text}
                 if settings.rationale:
                     why = rationale_of(text)
-                    res[k]["support"] = term_support(why, docs) if docs else None
-                    res[k]["f1"] = term_f1(why, r.rationale) if r.rationale else None
+                    a["support"] = term_support(why, docs) if docs else None
+                    a["f1"] = term_f1(why, r.rationale) if r.rationale else None
                     if settings.judge and r.rationale:
-                        res[k]["judge"] = judge_score(settings.judge, settings.judge_model, r.question, r.rationale, why)
+                        a["judge"] = judge_score(settings.judge, settings.judge_model, r.question, r.rationale, why)
         out.append(res)
     return out
 
@@ -466,15 +520,15 @@ def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index 
              candidates: dict | None = None, corpus: dict | None = None) -> list[dict]:
     """Per-question results in benchmark order. Under torchrun, rank r takes batches r, r + W, ...
     of one fixed split into batches, so every question meets the same computation as in a single
-    process; the results are gathered to every rank."""
+    process; the results, every field, are gathered to every rank in benchmark order."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     recs, bs = bench.records, settings.batch_size
     mine, t0, shown = [], time.time(), time.time()
     for a in range(rank * bs, len(recs), world * bs):
         batch = recs[a:a + bs]
         with torch.no_grad():
-            examples, scores = retrieve(model, batch, index, candidates, corpus, settings.depth)
-        mine += [(a + i, res) for i, res in enumerate(answer_batch(model, batch, examples, scores, settings))]
+            examples, scores, ids = retrieve(model, batch, index, candidates, corpus, settings.depth)
+        mine += [(a + i, res) for i, res in enumerate(answer_batch(model, batch, examples, scores, ids, settings))]
         if rank == 0 and time.time() - shown > 60:                       # a line a minute on long runs
             shown, done = time.time(), min(a + bs, len(recs))            # about as far as every rank
             print(f"  {bench.name}: {done:,}/{len(recs):,} questions, ETA {(shown - t0) / done * (len(recs) - done):,.0f} s",
@@ -482,10 +536,11 @@ def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index 
     return rt.gather_in_order(mine, world)
 
 
-def summarize(results: list[dict], k: int, mode: str) -> dict:
-    """Accuracy (Wilson 95% interval), by subject with their mean, unparsed share, rationale scores
-    and retrieval metrics for the results at k documents."""
-    at_k = [res.get(k, res.get(0)) for res in results]
+def summarize(results: list[dict], k: int, rule: str | None) -> dict:
+    """Accuracy (Wilson 95% interval), by subject with their mean, unparsed share (generate mode:
+    rule None), rationale scores, retrieval metrics and helpfulness (as train.py's validation has it)
+    for the results at k documents under one scoring rule."""
+    at_k = [res["answers"][k, rule] for res in results]
     out = accuracy_summary([a["correct"] for a in at_k])
     out["predicted"] = dict(sorted(Counter(str(a["pred"]) for a in at_k).items()))   # a constant answerer shows here
     subjects = defaultdict(list)
@@ -495,7 +550,7 @@ def summarize(results: list[dict], k: int, mode: str) -> dict:
     if subjects:
         out["by_subject"] = {s: accuracy_summary(c) for s, c in sorted(subjects.items())}
         out["subject_mean"] = sum(v["accuracy"] for v in out["by_subject"].values()) / len(subjects)
-    if mode == "generate":
+    if rule is None:
         out["unparsed"] = sum(not a["parsed"] for a in at_k) / len(at_k)
     for key in ("f1", "support", "judge"):
         values = [a[key] for a in at_k if a.get(key) is not None]
@@ -505,69 +560,22 @@ def summarize(results: list[dict], k: int, mode: str) -> dict:
     if gold and k > 0:
         out.update({"recall@1": sum(r == 1 for r in gold) / len(gold), f"recall@{k}": sum(r <= k for r in gold) / len(gold),
                     "mrr": sum(1 / r for r in gold) / len(gold)})
+    helped = [res["help"] for res in results if "help" in res]
+    if helped:
+        agree = [h["agreement"] for h in helped if not math.isnan(h["agreement"])]
+        out["helpful_agreement"] = sum(agree) / len(agree) if agree else math.nan
+        out.update({f"helpful@{n}": sum(h["best_rank"] <= n for h in helped) / len(helped) for n in {1, k} if n})
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Tables
-
-def pct(x: float | None) -> str:
-    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
-
-
-def results_table(rows: list[dict]) -> str:
-    """One line per record, in the order evaluated: systems side by side for each benchmark."""
-    lines = [("| benchmark | checkpoint | retriever | mode | k | n | accuracy % (95% CI) | subject mean | unparsed % "
-              "| recall@1 | recall@k | MRR | rationale F1 | support | judge |"), "|" + "---|" * 15]
-    for r in rows:
-        acc = f"{pct(r['accuracy'])} ({pct(r['ci95'][0])}-{pct(r['ci95'][1])})"
-        cells = [r["benchmark"], r["checkpoint"], r["retriever"], r["mode"], r["k"], f"{r['n']:,}", acc,
-                 pct(r.get("subject_mean")), pct(r.get("unparsed")), pct(r.get("recall@1")),
-                 pct(r.get(f"recall@{r['k']}")), pct(r.get("mrr")), pct(r.get("rationale_f1")),
-                 pct(r.get("rationale_support")), pct(r.get("rationale_judge"))]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def system(r: dict) -> str:
-    return f"{Path(r['checkpoint']).name} / {Path(r['retriever']).name} / {r['mode']}" + (f" / k={r['k']}" if r["k"] else "")
-
-
-def subject_table(rows: list[dict]) -> str:
-    """Per benchmark with subjects: subjects down, systems across (accuracy %, n per subject)."""
-    out = []
-    for bench in dict.fromkeys(r["benchmark"] for r in rows if "by_subject" in r):
-        mine = [r for r in rows if r["benchmark"] == bench and "by_subject" in r and not r.get("swept")]
-        if not mine:                                     # only swept rows (a --k outside the sweep)
-            continue
-        subjects = list(mine[0]["by_subject"])
-        if len(subjects) > 30:
-            continue                                     # too many to print; the JSON file has them
-        out += [f"\n{bench}, by subject (accuracy %)", "| subject | n | " + " | ".join(system(r) for r in mine) + " |",
-                "|" + "---|" * (len(mine) + 2)]
-        for s in subjects:
-            n = mine[0]["by_subject"][s]["n"]
-            out.append(f"| {s} | {n:,} | " + " | ".join(pct(r["by_subject"][s]["accuracy"]) for r in mine) + " |")
-        out.append("| mean of subjects | | " + " | ".join(pct(r["subject_mean"]) for r in mine) + " |")
-    return "\n".join(out)
-
-
-def sweep_table(rows: list[dict]) -> str:
-    """Accuracy against k, one column per swept system, with a bar for the first."""
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["benchmark"], r["checkpoint"], r["retriever"], r["mode"])].append(r)
-    swept = {key: g for key, g in groups.items() if len(g) > 1}
-    out = []
-    for bench in dict.fromkeys(key[0] for key in swept):
-        cols = [g for key, g in swept.items() if key[0] == bench]
-        names = [system({**g[0], "k": 0}) for g in cols]
-        out += [f"\n{bench}: accuracy % against k, the number of documents in the prompt",
-                "| k | " + " | ".join(names) + " | |", "|" + "---|" * (len(cols) + 2)]
-        for i, r in enumerate(cols[0]):
-            bar = "#" * round(40 * r["accuracy"])
-            out.append(f"| {r['k']} | " + " | ".join(pct(g[i]["accuracy"]) for g in cols) + f" | `{bar}` |")
-    return "\n".join(out)
+def question_records(row: dict, results: list[dict]) -> list[dict]:
+    """--out's "questions" of one row, one per question: the row's keys and the id (to join two runs
+    on), the gold answer, the prediction, whether it is right, the option losses under the row's rule
+    or the generated text, the documents in the prompt [[id, score], ...] best first, and the gold
+    document's rank among the --depth retrieved (null: none known; Infinity: not among them)."""
+    keys = {key: row[key] for key in ROW_KEYS}
+    return [{**keys, "id": res["id"], "answer": res["answer"], "gold_rank": res["rank"], **res["answers"][row["k"], row["score"]]}
+            for res in results]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,6 +596,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", default=None,
                    help="re-score these candidate lists (retriever.py candidates) instead of searching the whole corpus")
     p.add_argument("--mode", nargs="+", choices=("likelihood", "generate"), default=["likelihood"])
+    p.add_argument("--score", nargs="+", choices=SCORES, default=["mean"],
+                   help="likelihood's scoring rules, a row each: letter (NLL of ' X', as lm-evaluation-harness scores "
+                        "MMLU; favours the model's preferred letters), sum (of ' X. option text' + EOS; favours short "
+                        "options), mean (per token; favours long ones; default: train.py's rule, figures stay comparable)")
     p.add_argument("--k", type=int, default=None, help="documents in the prompt (default: the checkpoint's top_k, else 7)")
     p.add_argument("--sweep", action="store_true", help="every k from 0 to 10, printed as a curve")
     p.add_argument("--depth", type=int, default=None, help="documents retrieved per question, recall and MRR are at this "
@@ -596,6 +608,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LLM tokens per document in the prompt (default: the checkpoint's, else 180)")
     p.add_argument("--rationale", action="store_true",
                    help="generate mode: write an explanation too, and score it (term F1 vs the reference, support by the documents)")
+    p.add_argument("--helpfulness", action="store_true", help="the LLM's loss given each of the --depth documents "
+                   "alone (depth passes a question): agreement, helpful@1/k on the first --mode's rows; reports in --out")
     p.add_argument("--max-new-tokens", type=int, default=0, help="generation budget (0: 16 for an answer, 192 with a rationale)")
     p.add_argument("--limit", type=int, default=None, help="the first N questions of each file")
     p.add_argument("--batch-size", type=int, default=8, help="questions per retrieval batch and per shard unit")
@@ -611,7 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(e.g. https://api.openai.com/v1; key from OPENAI_API_KEY)")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
     p.add_argument("--overlap", type=float, default=0.5, help="contamination: flag at this share of a question's n-grams")
-    p.add_argument("--out", default=None, help="write every record (and the contamination flags) to this JSON file")
+    p.add_argument("--out", default=None, help="write the rows, per-question records of each row, --helpfulness's "
+                   "per-question reports and the contamination flags to this JSON file")
     p.add_argument("--cache", default="runs/eval-cache", help="where corpus indexes are built and kept")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="LLM weights: auto is bf16 on CUDA compute capability 8.0+, else fp32")
@@ -622,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.benchmarks and not args.ask:
         p.error("give one or more benchmark files, or --ask")
+    if args.helpfulness and all(s == "none" for s in args.retriever):
+        p.error("--helpfulness scores retrieved documents: give a --retriever other than none")
     if any(s != "none" for s in args.retriever) and not (args.corpus or args.index and not args.candidates):
         p.error("a retriever needs --corpus (the documents to retrieve from; --index instead also works without "
                 "--candidates)")
@@ -663,10 +680,9 @@ def ask(args, device: torch.device, dtype: torch.dtype, cache: Path, rank: int, 
             docs.append(index.text(d))
             print(f"{i:2d}. {s:7.3f}  {index.ids[d]}  {docs[-1][:300]}")
     docs = docs[::-1]                                                    # best last, as in training
-    if options:
-        losses = option_losses(model, ex, docs)
-        print("option losses: " + ", ".join(f"{x} {v:.3f}" for x, v in zip(options, losses.tolist())))
-        print(f"answer by likelihood: {list(options)[int(losses.argmin())]}")
+    for rule, losses in (option_scores(model, ex, docs) if options else {}).items():   # every rule, side by side
+        print(f"option losses ({rule}): " + ", ".join(f"{x} {v:.3f}" for x, v in zip(options, losses.tolist())))
+        print(f"answer by likelihood ({rule}): {list(options)[int(losses.argmin())]}")
     if not isinstance(model.llm, OptionHead):
         print(f"generated: {generate_answer(model, ex, docs, args.max_new_tokens or 192, stop_at_newline=False).strip()}")
 
@@ -690,7 +706,7 @@ def main(argv: list[str] | None = None):
     candidates = read_candidates(args.candidates) if args.candidates else None
     wanted = {d for b in benches for r in b.records for d in candidates.get(r.id, ())} if candidates else set()
     texts = {i: t for i, t, _ in rt.read_corpus(corpus) if i in wanted} if candidates else None   # not all the corpus
-    rows = []
+    rows, questions, helped = [], [], []
     for llm_path in args.llm:
         loaded = load_llm(llm_path, device, dtype)                       # once for all its retrievers
         for spec in args.retriever:
@@ -698,32 +714,32 @@ def main(argv: list[str] | None = None):
             index = (open_index(model.retriever, corpus, cache, rank, world, args.index)
                      if model.retriever and not candidates else None)
             ks = tuple(range(11)) if args.sweep else (k,)
-            for mode in args.mode:
-                settings = Settings(mode, ks, max(depth, max(ks)), args.batch_size, args.rationale,
-                                    args.max_new_tokens, args.judge, args.judge_model)
+            for mode in args.mode:                                       # helpfulness: with the first mode only
+                settings = Settings(mode, ks, max(depth, max(ks)), args.batch_size, tuple(args.score), args.rationale,
+                                    args.max_new_tokens, args.judge, args.judge_model, args.helpfulness and mode == args.mode[0])
                 for bench in benches:
                     t0 = time.time()
                     results = evaluate(model, bench, settings, index, candidates, texts)
                     seconds = round(time.time() - t0, 1)
-                    for kk in (ks if model.retriever else (0,)):
-                        rows.append({"benchmark": bench.name, "checkpoint": llm_path, "retriever": spec, "mode": mode,
-                                     "k": kk, **summarize(results, kk, mode), "seconds": seconds}
-                                    | ({"swept": True} if model.retriever and kk != k else {}))
+                    for rule in (args.score if mode == "likelihood" else (None,)):
+                        for kk in (ks if model.retriever else (0,)):
+                            rows.append({"benchmark": bench.name, "checkpoint": llm_path, "retriever": spec, "mode": mode,
+                                         "score": rule, "k": kk, **summarize(results, kk, rule), "seconds": seconds}
+                                        | ({"swept": True} if model.retriever and kk != k else {}))
+                            questions += question_records(rows[-1], results)
+                    helped += [{"benchmark": bench.name, "checkpoint": llm_path, "retriever": spec, "id": res["id"],
+                                **res["help"]} for res in results if "help" in res]
                     if rank == 0:
                         print(f"{Path(llm_path).name} / {spec} / {mode} on {bench.name}: {len(results):,} questions "
                               f"in {seconds:,.0f} s", file=sys.stderr, flush=True)
             del model
         del loaded                                                       # before the next LLM loads
     if rank == 0:
-        print(results_table(rows) + subject_table(rows) + sweep_table(rows))
-        for name, flags in flagged.items():
-            print(f"\ncontamination of {name} ({args.ngram}-grams, flagged at {args.overlap:.0%}): "
-                  f"{len(flags)} of {len(next(b for b in benches if b.name == name).records):,} questions")
-            for f in flags:
-                print(f"  {f['id']}: {f['overlap']:.0%} in {f['source']} {f['source_id']}: {f['question']}")
+        print(results_table(rows) + subject_table(rows) + sweep_table(rows) + help_reports(helped)
+              + contamination_report(flagged, {b.name: len(b.records) for b in benches}, args.ngram, args.overlap))
         if args.out:
-            report = {"results": rows, "contamination": flagged, "argv": sys.argv[1:],
-                      "seconds": round(time.time() - t_start, 1)}
+            report = {"results": rows, "questions": questions, "helpfulness": helped, "contamination": flagged,
+                      "argv": sys.argv[1:], "seconds": round(time.time() - t_start, 1)}
             atomic_write(Path(args.out), lambda p: Path(p).write_text(json.dumps(report, indent=1)))
     if dist.is_initialized():
         dist.barrier()

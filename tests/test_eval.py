@@ -1,13 +1,15 @@
-"""eval.py: answers, intervals, retrieval metrics, contamination and sharding, checked against hand
-computations. The model is a hand-built bigram Llama: its blocks add nothing (zero output
-projections), embeddings are one-hot, so the logits after a token depend on that token alone and
-every option's loss can be computed by hand."""
+"""eval.py: answers under each scoring rule, per-question records, the documents' helpfulness,
+intervals, retrieval metrics, contamination and sharding, checked against hand computations. The
+model is a hand-built bigram Llama: its blocks add nothing (zero output projections), embeddings are
+one-hot, so the logits after a token depend on that token alone and every option's loss can be
+computed by hand (and no document changes it: where documents must matter, random weights)."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -90,11 +92,11 @@ def test_likelihood_equals_the_hand_computed_bigram_loss(files):
     uniform = math.log(V)                                                                     # a row of zeros
     expected = [(miss + uniform + miss + uniform) / 4] * 4
     expected[1] = (hit + hit + miss + uniform) / 4       # B: ':'->B and B->'.' favoured, '.'->word not, word->EOS uniform
-    losses = ev.option_losses(model, ex, [])
+    losses = ev.option_scores(model, ex, [])["mean"]
     assert torch.allclose(losses, torch.tensor(expected), atol=1e-4), f"option losses {losses} != by hand {expected}"
     assert int(losses.argmin()) == 1, "likelihood scoring must pick the option the model is certain of (B)"
     reference = model.option_losses([ex], [[DOCS["d1"], DOCS["d7"]]])[0]   # jmlr.py's, one full pass per option
-    shared = ev.option_losses(model, ex, [DOCS["d1"], DOCS["d7"]])
+    shared = ev.option_scores(model, ex, [DOCS["d1"], DOCS["d7"]])["mean"]
     assert torch.allclose(shared, reference, atol=1e-5), "the shared-prefix KV cache changed the option losses"
 
 
@@ -110,8 +112,82 @@ def test_shared_prefix_cache_equals_full_passes_with_real_attention(files):
     full = model.option_losses(batch, docs)                  # jmlr.py: one pass per option, padded to 5
     assert full.shape == (2, 5) and full[0, 4] == math.inf, "a 4-option question is padded with +inf"
     for b, (ex, d) in enumerate(zip(batch, docs)):
-        shared = ev.option_losses(model, ex, d)
+        shared = ev.option_scores(model, ex, d)["mean"]
         assert torch.allclose(shared, full[b, :len(ex.options)], atol=1e-5), f"KV-cache losses {shared} != {full[b]}"
+
+
+def bigram_terms(V: int) -> tuple[float, float, float]:
+    """The NLL of a favoured token (a row with one BOOST), of any other token of that row, and of
+    any token after a row of zeros."""
+    return -BOOST + math.log(math.exp(BOOST) + V - 1), math.log(math.exp(BOOST) + V - 1), math.log(V)
+
+
+def test_scoring_rules_by_hand_and_a_question_on_which_they_disagree(files):
+    """Per token: ':'->X, X->'.', '.'->word, ..., last->EOS. letter: the first alone; sum: all of
+    them; mean: sum / count. On question 0 option B wins every rule. The second question is built
+    so that each rule picks another option: A 'kelamab' is short (sum's choice), B holds the
+    favoured letter (letter's choice) and a long text of misses, C a long text whose last two
+    tokens are favoured ('B' '.', then EOS after '.'), which lowers its mean below A's."""
+    llm, tok, _ = ev.load_llm(str(files["llm"]), torch.device("cpu"), torch.float32)
+    model = JMLR(llm, None, tok, JMLRConfig()).eval()
+    h, m, u = bigram_terms(files["V"])
+    q, opts, *_ = QUESTIONS[0]
+    tokens = [[m, u, m, u], [h, h, m, u], [m, u, m, u], [m, u, m, u]]    # options A, B, C, D
+    got = ev.option_scores(model, Example(q, dict(zip("ABCD", opts)), "", [], None, "B"), [DOCS["d1"]])
+    expected = {"letter": [t[0] for t in tokens], "sum": [sum(t) for t in tokens], "mean": [sum(t) / 4 for t in tokens]}
+    for rule, values in expected.items():
+        assert torch.allclose(got[rule], torch.tensor(values), atol=1e-4), f"{rule}: {got[rule]} != by hand {values}"
+    ex = Example("Which drug treats kavitis ?", {"A": "kelamab", "B": "kelamab . kelamab . kelamab",
+                                                 "C": "kelamab kelamab B ."}, "", [], None, "A")
+    tokens = [[m, u, m, u], [h, h, m, u, m, u, m, u], [m, u, m, u, u, h, h]]   # sums ~28, ~42, ~32; means ~7, ~5.3, ~4.6
+    got = ev.option_scores(model, ex, [])
+    for rule, pick in {"letter": "B", "sum": "A", "mean": "C"}.items():
+        assert "ABC"[int(got[rule].argmin())] == pick, f"{rule} must pick {pick}: {got[rule]}"
+    assert torch.allclose(got["letter"], torch.tensor([m, h, m]), atol=1e-4)
+    assert torch.allclose(got["sum"], torch.tensor([sum(t) for t in tokens]), atol=1e-4)
+    assert torch.allclose(got["mean"], torch.tensor([sum(t) / len(t) for t in tokens]), atol=1e-4)
+    assert torch.allclose(got["mean"], model.option_losses([ex], [[]])[0], atol=1e-5), "mean: jmlr.py's option losses"
+
+
+class MergedLetterTokenizer:
+    """The word-level tokenizer, except that 'A' '.' becomes one token (the id of 'Explanation'), as
+    a BPE whose vocabulary holds ' A.' would encode it: the letter ' A' alone is not the start of
+    the target ' A. kelamab'."""
+
+    def __init__(self, tok, vocab: dict[str, int]):
+        self.tok, self.eos_ids, self.pair, self.merged = tok, tok.eos_ids, (vocab["A"], vocab["."]), vocab["Explanation"]
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        out = []
+        for t in self.tok.encode(text, bos, eos):
+            if out and (out[-1], t) == self.pair:
+                out[-1] = self.merged
+            else:
+                out.append(t)
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+def test_the_letter_is_scored_alone_when_the_tokenizer_merges_it(files):
+    """With 'A.' one token, favoured after ':' as much as 'B' here, the first target token of
+    option A is not its letter: the letter rule must score ' A' alone (log(2 e^BOOST + V - 2), a
+    miss), not the merged token (that minus BOOST). The other rules stay jmlr.py's full passes."""
+    llm, tok, _ = ev.load_llm(str(files["llm"]), torch.device("cpu"), torch.float32)
+    vocab = json.loads((files["llm"] / "tokenizer.json").read_text())["model"]["vocab"]
+    merged = MergedLetterTokenizer(tok, vocab)
+    with torch.no_grad():                                     # the logit of the merged token after ':' is BOOST too
+        llm.lm_head.weight[merged.merged] = llm.lm_head.weight[vocab["B"]]
+    model = JMLR(llm, None, merged, JMLRConfig()).eval()
+    q, opts, *_ = QUESTIONS[0]
+    ex = Example(q, dict(zip("ABCD", opts)), "", [], None, "B")
+    got = ev.option_scores(model, ex, [])
+    assert merged.encode(" A. kelamab", bos=False)[0] == merged.merged, "the tokenizer must merge 'A.'"
+    V = files["V"]
+    miss = math.log(2 * math.exp(BOOST) + V - 2)
+    assert torch.allclose(got["letter"], torch.tensor([miss, miss - BOOST, miss, miss]), atol=1e-4), got["letter"]
+    assert torch.allclose(got["mean"], model.option_losses([ex], [[]])[0], atol=1e-5), "mean: jmlr.py's option losses"
 
 
 def test_accuracy_subjects_and_intervals_by_hand(files):
@@ -123,6 +199,44 @@ def test_accuracy_subjects_and_intervals_by_hand(files):
     assert record["by_subject"]["micro"]["accuracy"] == pytest.approx(1 / 3), "per-subject accuracy (micro)"
     assert record["subject_mean"] == pytest.approx(0.5), "the mean of the subjects' accuracies"
     assert record["predicted"] == {"B": 6}, "the bigram model answers B to everything"
+
+
+def test_question_records_say_what_the_rows_say(files):
+    """--out's per-question records, one per question and row: accuracy, answer counts, recall@1
+    and MRR recomputed from them equal the row's; each likelihood record holds its own rule's
+    option losses (sum = 4 x mean here: every target is 4 tokens), each generate record the text;
+    the documents in the prompt are k [id, score] pairs, the gold one first (gold_rank 1)."""
+    out = run_eval(files, "--retriever", "none", str(files["retriever"]), "--mode", "likelihood", "generate",
+                   "--score", "letter", "sum", "mean", "--k", "2")
+    rows, records = out["results"], out["questions"]
+    assert [(r["retriever"] != "none", r["mode"], r["score"]) for r in rows] == [
+        (ret, mode, rule) for ret in (False, True) for mode, rule in
+        [("likelihood", "letter"), ("likelihood", "sum"), ("likelihood", "mean"), ("generate", None)]]
+    assert len(records) == len(rows) * len(QUESTIONS), "one record per question and row"
+    h, m, _ = bigram_terms(files["V"])
+    for row in rows:
+        mine = [q for q in records if all(q[key] == row[key] for key in ev.ROW_KEYS)]
+        assert [q["id"] for q in mine] == [f"q{i}" for i in range(len(QUESTIONS))], "every question once, in order"
+        assert [q["answer"] for q in mine] == [a for _, _, a, *_ in QUESTIONS], "the gold answers"
+        assert all(q["correct"] == (q["pred"] == q["answer"]) for q in mine)
+        assert sum(q["correct"] for q in mine) / len(mine) == row["accuracy"], f"accuracy of {ev.ROW_KEYS} {row}"
+        assert Counter(str(q["pred"]) for q in mine) == row["predicted"], "answer counts"
+        if row["mode"] == "likelihood":
+            assert all(q["pred"] == min(q["losses"], key=q["losses"].get) for q in mine), "the prediction: the argmin"
+        else:
+            assert all(q["text"].startswith("B.") for q in mine), "generation writes 'B.'"
+        if row["retriever"] == "none":
+            assert all(q["docs"] == [] and q["gold_rank"] is None for q in mine), "no retriever: no documents"
+            continue
+        assert all(len(q["docs"]) == 2 and q["docs"][0][0] == g and q["docs"][0][1] >= q["docs"][1][1]
+                   for q, (*_, g) in zip(mine, QUESTIONS)), "the k = 2 documents in the prompt, gold first"
+        ranks = [q["gold_rank"] for q in mine]
+        assert (sum(r == 1 for r in ranks) / 6, sum(1 / r for r in ranks) / 6) == (row["recall@1"], row["mrr"])
+    by = {(q["retriever"], q["score"], q["id"]): q for q in records}
+    assert by["none", "letter", "q0"]["losses"] == pytest.approx({"A": m, "B": h, "C": m, "D": m}, abs=1e-3)
+    for i in range(len(QUESTIONS)):
+        total, mean = by["none", "sum", f"q{i}"]["losses"], by["none", "mean", f"q{i}"]["losses"]
+        assert total == pytest.approx({x: 4 * v for x, v in mean.items()}, abs=1e-3), "each row's own rule"
 
 
 def test_wilson_interval_matches_published_values():
@@ -151,9 +265,9 @@ def test_extract_letter(text, options, letter):
 
 def test_unparsed_share_and_rationale_scores_are_averaged_by_hand():
     results = [{"subject": None, "rank": None,
-                0: {"correct": c, "pred": x, "parsed": x is not None, "f1": f}}
+                "answers": {(0, None): {"correct": c, "pred": x, "parsed": x is not None, "f1": f}}}
                for c, x, f in [(True, "A", 0.5), (False, None, None), (False, "B", 0.1), (True, "A", 0.3)]]
-    s = ev.summarize(results, 0, "generate")
+    s = ev.summarize(results, 0, None)
     assert s["unparsed"] == 1 / 4 and s["accuracy"] == 2 / 4, "unparsed share / accuracy"
     assert s["predicted"] == {"A": 2, "B": 1, "None": 1}, "how often each answer was given"
     assert s["rationale_f1"] == pytest.approx(0.3), "mean F1 over the questions that have a reference"
@@ -215,7 +329,7 @@ def test_a_token_budget_gives_the_scores_of_one_pass(files):
     records = ev.read_benchmark(str(files["qa"])).records[:4]
     candidates = {r.id: list(DOCS)[i:] + list(DOCS)[:i] for i, r in enumerate(records)}   # 9 each, rotated
     with torch.no_grad():
-        examples, _ = ev.retrieve(model, records, None, candidates, DOCS, 9)
+        examples, _, _ = ev.retrieve(model, records, None, candidates, DOCS, 9)
     one_pass = model.score_candidates(examples).detach()                                 # (4, 9), with gradients
     L = model.retriever.tokenizer.docs(list(DOCS.values()))[0].size(1)                   # tokens per document
     for max_tokens in (1, 4 * L, 10 ** 6):             # 1 document per pass, 4 (straddling two lists), all
@@ -241,13 +355,59 @@ def test_a_gold_document_missing_from_the_candidates_counts_as_a_miss(files):
     assert (row["recall@1"], row["mrr"]) == (pytest.approx(5 / 6), pytest.approx(5 / 6)), f"a miss must count: {row}"
 
 
+def test_helpfulness_with_the_bigram_model_by_hand(files, capsys):
+    """The bigram model ignores the documents: given any of them, or none, the loss of the gold
+    answer's target is the hand-computed one (4 tokens: q0, q1, q3 answer B, ':'->B and B->'.'
+    favoured; the others not). So no pair of documents differs (agreement nan) and the most
+    helpful one is the first of the ties, the retriever's top one; the report says so."""
+    out = run_eval(files, "--retriever", str(files["retriever"]), "--helpfulness", "--k", "2", "--depth", "4")
+    h, m, u = bigram_terms(files["V"])
+    entries = out["helpfulness"]
+    assert [e["id"] for e in entries] == [f"q{i}" for i in range(len(QUESTIONS))]
+    for e, (q, _, answer, _, gold) in zip(entries, QUESTIONS):
+        loss = (h + h + m + u) / 4 if answer == "B" else (m + u + m + u) / 4
+        assert e["question"] == q and e["no_document"] == pytest.approx(loss, abs=1e-4), "the loss with no document"
+        assert [d["loss"] for d in e["documents"]] == pytest.approx([loss] * 4, abs=1e-4), f"{e['id']}: {e['documents']}"
+        assert e["documents"][0]["id"] == gold and e["most_helpful"] == gold and e["best_rank"] == 1
+        assert math.isnan(e["agreement"]), "no two documents differ in loss"
+        assert [d["score"] for d in e["documents"]] == sorted((d["score"] for d in e["documents"]), reverse=True)
+    row = out["results"][0]
+    assert math.isnan(row["helpful_agreement"]) and (row["helpful@1"], row["helpful@2"]) == (1.0, 1.0), row
+    printed = capsys.readouterr().out
+    assert printed.count("every document gives the same loss") == 3, "the report of the first 3 questions"
+
+
+def test_helpfulness_losses_are_the_option_losses_given_one_document(files):
+    """With random weights the documents change the loss. Each document's loss is the mean loss
+    of the gold option given that document alone, computed independently by option_scores (the
+    shared-prefix KV cache); the agreement and the rank of the most helpful document as counted
+    by hand over the pairs."""
+    llm, tok, _ = ev.load_llm(str(files["llm"]), torch.device("cpu"), torch.float32)
+    llm.reset_parameters()
+    model = JMLR(llm, rt.ColBERT.from_pretrained(files["retriever"]).eval(), tok, JMLRConfig()).eval()
+    records = ev.read_benchmark(str(files["qa"])).records[:2]
+    with torch.no_grad():
+        examples, scores, ids = ev.retrieve(model, records, None, {r.id: list(DOCS) for r in records}, DOCS, 9)
+    for r, ex, e in zip(records, examples, ev.document_help(model, records, examples, scores, ids)):
+        gold = list(r.options).index(r.answer)
+        loss = {d: float(ev.option_scores(model, ex, [DOCS[d]])["mean"][gold]) for d in DOCS}
+        score = {d["id"]: d["score"] for d in e["documents"]}
+        assert {d["id"]: d["loss"] for d in e["documents"]} == pytest.approx(loss, abs=1e-4), "loss given each document"
+        assert e["no_document"] == pytest.approx(float(ev.option_scores(model, ex, [])["mean"][gold]), abs=1e-4)
+        assert max(loss.values()) - min(loss.values()) > 1e-3, "random weights: the documents must matter"
+        pairs = [(a, b) for a in DOCS for b in DOCS if loss[a] < loss[b]]          # a helps more than b
+        assert e["agreement"] == pytest.approx(sum(score[a] > score[b] for a, b in pairs) / len(pairs), abs=1e-6)
+        best = min(loss, key=loss.get)
+        assert e["most_helpful"] == best and e["best_rank"] == sum(s >= score[best] for s in score.values())
+
+
 def test_ask_prints_the_gold_document_first_and_the_answer(files, capsys):
     q, opts, *_ = QUESTIONS[3]
     ev.main(["--ask", q, "--options", *opts, "--llm", str(files["llm"]), "--retriever", str(files["retriever"]),
              "--corpus", str(files["corpus"]), "--cache", str(files["dir"] / "cache"), "--k", "3"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[2] == "d4", f"the top document must be the gold one: {lines[0]}"
-    assert "answer by likelihood: B" in lines, "the bigram model answers B"
+    assert "answer by likelihood (mean): B" in lines, "the bigram model answers B"
     assert any(line.startswith("generated: B.") for line in lines), "generation writes 'B.'"
 
 
@@ -340,7 +500,8 @@ def test_real_benchmarks_parse_with_their_counts():
 # torchrun
 
 def test_two_processes_equal_one(files, tmp_path):
-    """Questions sharded by batch across 2 gloo ranks, results gathered: the same records. The
+    """Questions sharded by batch across 2 gloo ranks, results gathered: the same rows, and the
+    same per-question records (two scoring rules, helpfulness) in the same order. The
     contamination scan split between the ranks finds one process's flags: every question in both
     QA files, each reported in the first, although in the second one rank holds it, the other rank
     the first file's (the second starts with an extra question, which shifts its texts by one)."""
@@ -349,7 +510,7 @@ def test_two_processes_equal_one(files, tmp_path):
                                 "answer": "A"}) + "\n" + files["qa"].read_text())
     common = [str(files["qa"]), "--llm", str(files["llm"]), "--retriever", "none", str(files["retriever"]),
               "--corpus", str(files["corpus"]), "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--k", "2",
-              "--contamination", str(files["qa"]), str(leak)]
+              "--contamination", str(files["qa"]), str(leak), "--score", "letter", "mean", "--helpfulness"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "eval.py", *common, "--out", str(tmp_path / "one.json")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
@@ -361,6 +522,8 @@ def test_two_processes_equal_one(files, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert strip(one["results"]) == strip(two["results"]), "2 ranks must give exactly the records of 1 process"
+    for key in ("questions", "helpfulness"):                 # as text: NaN != NaN
+        assert len(one[key]) > 0 and json.dumps(one[key]) == json.dumps(two[key]), f"2 ranks: other {key} records"
     flags = two["contamination"]["qa"]
     assert [(f["id"], f["source"], f["overlap"]) for f in flags] == [(f"q{i}", str(files["qa"]), 1.0) for i in range(6)]
     assert one["contamination"] == two["contamination"], "the split contamination scan must find one process's flags"

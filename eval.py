@@ -64,12 +64,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import colbert_index as ci
 import retriever as rt
 from eval_tables import contamination_report, help_reports, results_table, subject_table, sweep_table
 from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, helpfulness, tokenize_example
 from llama import Llama, Tokenizer, atomic_write
 from qa_data import QA_FORMATS, QARecord, pubmedqa_corpus, read_qa
-from train import read_candidates, resolve_retriever, setup_distributed
+from train import read_candidates, resolve_retriever
 
 Z95 = 1.959964   # the standard normal's 97.5% quantile
 SCORES = ("letter", "sum", "mean")                                        # likelihood's scoring rules (docstring)
@@ -231,7 +232,7 @@ def source_texts(path: str) -> Iterator[tuple[str, str]]:
     with open(p, encoding="utf-8", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
     if p.suffix == ".tsv" or (p.suffix == ".jsonl" and re.search(r'"(contents?)"\s*:', first)):
-        yield from ((doc_id, text) for doc_id, text, _ in rt.read_corpus(p))
+        yield from ((doc_id, text) for doc_id, text, _ in ci.read_corpus(p))
     else:
         yield from ((r.id, " ".join([r.question, *r.options.values(), r.rationale or ""])) for r in read_qa(p))
 
@@ -240,9 +241,9 @@ def contamination(records: list[QARecord], sources: list[str], n: int = 8, thres
                   rank: int = 0, world: int = 1) -> list[dict]:
     """-> one entry per flagged question: its id, the source file and text id holding the largest
     share of its n-grams (the first such text), that share, and the start of the question. Shared
-    by `world` ranks (retriever.check_ranks): rank r scores texts r, r + W, ... of all the sources in
+    by `world` ranks (colbert_index.check_ranks): rank r scores texts r, r + W, ... of all the sources in
     order, and the best of every rank is merged, so every rank returns one process's list."""
-    rt.check_ranks(rank, world)
+    ci.check_ranks(rank, world)
     words = [WORD.findall(" ".join([r.question, *r.options.values()]).lower()) for r in records]
     grams = [ngrams(w, min(n, len(w))) for w in words]           # a question under n words: itself, whole
     sizes = {min(n, len(w)) for w in words if w}                 # the n-gram lengths to look for
@@ -322,12 +323,12 @@ def load_retriever(spec: str, llm_path: str, device: torch.device) -> rt.ColBERT
 
 
 def corpus_file(path: str, cache: Path, rank: int = 0) -> Path:
-    """The corpus as retriever.py reads it; a PubMedQA .json becomes one {id, contents} line per
+    """The corpus as colbert_index.read_corpus reads it; a PubMedQA .json becomes one {id, contents} line per
     abstract (rank 0 writes it, the others wait)."""
     p = Path(path)
     if p.suffix != ".json":
         return p
-    out = cache / f"pubmedqa-corpus-{rt.file_sha256(p)[:12]}.jsonl"
+    out = cache / f"pubmedqa-corpus-{ci.file_sha256(p)[:12]}.jsonl"
     if rank == 0 and not out.is_file():
         lines = [json.dumps({"id": pmid, "contents": text}) for pmid, text in pubmedqa_corpus(p)]
         atomic_write(out, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
@@ -337,17 +338,17 @@ def corpus_file(path: str, cache: Path, rank: int = 0) -> Path:
 
 
 def open_index(model: rt.ColBERT, corpus: Path | None, cache: Path, rank: int, world: int,
-               index: str | None = None) -> rt.Index:
-    """`index` when given (built by `retriever.py index` with this very retriever, which is checked),
+               index: str | None = None) -> ci.Index:
+    """`index` when given (built by `colbert_index.py build` with this very retriever, which is checked),
     else an index of the corpus built with this retriever, cached by encoder and corpus fingerprint
     (every rank encodes its share of the shards: retriever.build_index)."""
     if index:
-        found = rt.Index(index)
+        found = ci.Index(index)
         found.check_encoder(model)
         return found
-    index_dir = cache / f"index-{model.fingerprint()[:16]}-{rt.file_sha256(corpus)[:12]}"
-    rt.build_index(model, corpus, index_dir, rank=rank, world=world)
-    return rt.Index(index_dir)
+    index_dir = cache / f"index-{model.fingerprint()[:16]}-{ci.file_sha256(corpus)[:12]}"
+    ci.build_index(model, corpus, index_dir, rank=rank, world=world)
+    return ci.Index(index_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +426,7 @@ class Settings:
     helpfulness: bool = False       # the LLM's loss given each retrieved document alone (document_help)
 
 
-def retrieve(model: JMLR, records: list[QARecord], index: rt.Index | None, candidates: dict | None,
+def retrieve(model: JMLR, records: list[QARecord], index: ci.Index | None, candidates: dict | None,
              corpus: dict | None, depth: int) -> tuple[list[Example], torch.Tensor | None, list[list[str]] | None]:
     """Examples with `depth` documents each and the gold document's position among them (None when
     absent), the retriever's scores of those documents (B, depth) and their ids; no retriever: no
@@ -516,7 +517,7 @@ def answer_batch(model: JMLR, records: list[QARecord], examples: list[Example], 
     return out
 
 
-def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index | None = None,
+def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: ci.Index | None = None,
              candidates: dict | None = None, corpus: dict | None = None) -> list[dict]:
     """Per-question results in benchmark order. Under torchrun, rank r takes batches r, r + W, ...
     of one fixed split into batches, so every question meets the same computation as in a single
@@ -533,7 +534,7 @@ def evaluate(model: JMLR, bench: Benchmark, settings: Settings, index: rt.Index 
             shown, done = time.time(), min(a + bs, len(recs))            # about as far as every rank
             print(f"  {bench.name}: {done:,}/{len(recs):,} questions, ETA {(shown - t0) / done * (len(recs) - done):,.0f} s",
                   file=sys.stderr, flush=True)
-    return rt.gather_in_order(mine, world)
+    return ci.gather_in_order(mine, world)
 
 
 def summarize(results: list[dict], k: int, rule: str | None) -> dict:
@@ -591,10 +592,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retriever", nargs="+", default=["none"],
                    help="none, trained (the checkpoint's own), minilm, or a BERT/ColBERT directory; several side by side")
     p.add_argument("--corpus", default=None, help="documents: jsonl {id, contents|content}, .tsv, or a PubMedQA .json")
-    p.add_argument("--index", default=None, help="a built index (retriever.py index) to search instead of indexing --corpus; "
+    p.add_argument("--index", default=None, help="a built index (colbert_index.py build) to search instead of indexing --corpus; "
                    "it must have been built with the retriever evaluated")
     p.add_argument("--candidates", default=None,
-                   help="re-score these candidate lists (retriever.py candidates) instead of searching the whole corpus")
+                   help="re-score these candidate lists (colbert_index.py candidates) instead of searching the whole corpus")
     p.add_argument("--mode", nargs="+", choices=("likelihood", "generate"), default=["likelihood"])
     p.add_argument("--score", nargs="+", choices=SCORES, default=["mean"],
                    help="likelihood's scoring rules, a row each: letter (NLL of ' X', as lm-evaluation-harness scores "
@@ -689,7 +690,7 @@ def ask(args, device: torch.device, dtype: torch.dtype, cache: Path, rank: int, 
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.dist_timeout_minutes)
+    rank, world, device = ci.setup_distributed(args.dist_timeout_minutes)
     dtype, cache = pick_dtype(args.dtype, device), Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     if args.ask:
@@ -705,7 +706,7 @@ def main(argv: list[str] | None = None):
     corpus = corpus_file(args.corpus, cache, rank) if args.corpus else None
     candidates = read_candidates(args.candidates) if args.candidates else None
     wanted = {d for b in benches for r in b.records for d in candidates.get(r.id, ())} if candidates else set()
-    texts = {i: t for i, t, _ in rt.read_corpus(corpus) if i in wanted} if candidates else None   # not all the corpus
+    texts = {i: t for i, t, _ in ci.read_corpus(corpus) if i in wanted} if candidates else None   # not all the corpus
     rows, questions, helped = [], [], []
     for llm_path in args.llm:
         loaded = load_llm(llm_path, device, dtype)                       # once for all its retrievers

@@ -1,7 +1,7 @@
 """jmlr.py: the JMLR method: an LLM and a retriever trained together (Wang et al. 2024, arXiv 2402.17887).
 
 For each question q (with its options) and target y (answer letter and text, plus the rationale when
-the data has one), with a candidate list C of N document ids retrieved beforehand (retriever.py):
+the data has one), with a candidate list C of N document ids retrieved beforehand (colbert_index.py):
 
   1. s_k = MaxSim(E_q(q), E_d(d_k)), k in C              re-scored with gradients, documents re-encoded
   2. draw m of C without replacement, p = softmax(s / tau) (dynamic sampling)

@@ -1,4 +1,4 @@
-"""qa_data.py: one reader of medical QA files for the whole project (retriever.py's `candidates`,
+"""qa_data.py: one reader of medical QA files for the whole project (colbert_index.py's `candidates`,
 train.py, eval.py): MedQA (and Amboss), MedMCQA, MMLU, PubMedQA and a generic JSON-lines format.
 
     read_qa(path, fmt=None) -> [QARecord(id, question, options {letter: text}, answer letter,

@@ -22,7 +22,6 @@ of JMLR, frozen-retriever RAG and no retrieval on held-out diseases.
 import ast
 import contextlib
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import colbert_index as ci
 import retriever as rt
 from checkpoints import load_checkpoint, save_checkpoint
 from demo import make_demo
@@ -218,10 +218,10 @@ def ensure_candidates(cfg: TrainConfig, files: list[str], rank: int, world: int,
         return
     model = load_retriever(cfg, device).eval()
     index_dir = Path(cfg.out_dir) / "index"
-    rt.build_index(model, cfg.corpus, index_dir, model_path=cfg.retriever, rank=rank, world=world)
+    ci.build_index(model, cfg.corpus, index_dir, model_path=cfg.retriever, rank=rank, world=world)
     parts = [path.with_suffix(f".{i}.jsonl") for i in range(len(files))]
     for f, part in zip(files, parts):
-        rt.write_candidates(model, rt.Index(index_dir), f, part, cfg.num_candidates, fmt=cfg.qa_format or None,
+        ci.write_candidates(model, ci.Index(index_dir), f, part, cfg.num_candidates, fmt=cfg.qa_format or None,
                             rank=rank, world=world)
     if rank == 0:
         atomic_write(path, lambda p: Path(p).write_text("".join(part.read_text() for part in parts)))
@@ -317,22 +317,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # torchrun: ranks, wrapping, one all-reduce for both models
-
-def setup_distributed(timeout_minutes: int = 60) -> tuple[int, int, torch.device]:
-    """Rank and world size from torchrun's environment; nccl on CUDA, gloo on CPU. Under torchrun
-    the process group starts even for one process (DDP or FSDP2 then wrap the model, as on many).
-    The device returned is the process group's: every collective's tensors live there."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return rank, world, device
-
 
 def wrap(model: JMLR, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
     """DDP around the whole JMLR module (one all-reduce covers retriever and LLM), or FSDP2:
@@ -495,7 +479,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int = 1,
     cfg.retriever = resolve_retriever(cfg.retriever)
     files = [f for f in (cfg.train_file, cfg.val_file, cfg.test_file) if f]
     ensure_candidates(cfg, files, rank, world, device)
-    corpus = {doc_id: text for doc_id, text, _ in rt.read_corpus(cfg.corpus)}
+    corpus = {doc_id: text for doc_id, text, _ in ci.read_corpus(cfg.corpus)}
     candidates = read_candidates(cfg.candidates)
     load = lambda f: load_examples(f, cfg.qa_format, corpus, candidates, cfg.num_candidates) if f else []  # noqa: E731
     return load(cfg.train_file), load(cfg.val_file), load(cfg.test_file)
@@ -507,7 +491,7 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
     if cfg.autocast not in ("auto", "bf16", "off"):
         raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0), "
                          "'bf16' (on any device) or 'off'")
-    rank, world, device = setup_distributed(cfg.dist_timeout_minutes)
+    rank, world, device = ci.setup_distributed(cfg.dist_timeout_minutes)
     train_set, val_set, test_set = data or prepare(cfg, rank, world, device)
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}"
@@ -634,7 +618,7 @@ def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log
 
 def compare(cfg: TrainConfig):
     """Train every objective of cfg.compare with otherwise equal settings; print a table."""
-    rank, world, device = setup_distributed(cfg.dist_timeout_minutes)
+    rank, world, device = ci.setup_distributed(cfg.dist_timeout_minutes)
     data = prepare(cfg, rank, world, device)              # read once: the same data and candidates for every row
     results = {}
     for objective in cfg.compare:          # the same seeds and steps for every row

@@ -1,4 +1,4 @@
-"""Benchmark: exact ColBERT search on CPU, retriever.py's streamed `Index.search` against padded MaxSim.
+"""Benchmark: exact ColBERT search on CPU, colbert_index.py's streamed `Index.search` against padded MaxSim.
 
 Requirement: on an index of >= 50,000 documents of 40-180 tokens, for 1 query and for 16, ours
 scores >= 2x the documents/s of a padded-tensor MaxSim and is within 2x of the machine's limit.
@@ -6,7 +6,7 @@ scores >= 2x the documents/s of a padded-tensor MaxSim and is within 2x of the m
 Shapes: N documents, Ntok stored tokens, d = 128, Nq queries of Lq = 32 tokens, top k = 10.
 
 How it measures:
-  1. A synthetic index in retriever.py's format (random unit fp16 token embeddings, lengths uniform
+  1. A synthetic index in colbert_index.py's format (random unit fp16 token embeddings, lengths uniform
      in [40, 180], seed 0), written to --dir once and reused while its parameters match.
   2. Baseline = ColBERT's `colbert_score`: documents padded to 180 tokens in one fp16 (N, 180, d)
      tensor in RAM; per chunk: to fp32 (as ours; CPUs lack fast fp16 matmul), matmul with all query
@@ -41,15 +41,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # retriever.py sits one level up
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # colbert_index.py sits one level up
 from llama import open_safetensors  # noqa: E402
-from retriever import Index, shard_path  # noqa: E402
+from colbert_index import Index, shard_path  # noqa: E402
 
 L_MIN, L_MAX, DIM, LQ, SHARD_DOCS, K = 40, 180, 128, 32, 10_000, 10
 
 
 def write_index(index_dir: Path, docs: int, seed: int = 0):
-    """A synthetic index in retriever.py's format, unless the directory already holds this one."""
+    """A synthetic index in colbert_index.py's format, unless the directory already holds this one."""
     params = {"docs": docs, "min_len": L_MIN, "max_len": L_MAX, "dim": DIM, "seed": seed, "shard": SHARD_DOCS}
     manifest_path = index_dir / "manifest.json"
     if manifest_path.is_file():

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import colbert_index as ci
 import eval as ev
 import retriever as rt
 from demo import make_demo_models
@@ -298,7 +299,7 @@ def test_retrieval_metrics_and_sweep(files):
 
 def test_a_built_index_can_be_given_instead_of_the_corpus(files, tmp_path):
     model = rt.ColBERT.from_pretrained(files["retriever"]).eval()
-    rt.build_index(model, files["corpus"], tmp_path / "index")
+    ci.build_index(model, files["corpus"], tmp_path / "index")
     out = tmp_path / "out.json"
     ev.main([str(files["qa"]), "--llm", str(files["llm"]), "--retriever", str(files["retriever"]), "--index",
              str(tmp_path / "index"), "--cache", str(tmp_path), "--out", str(out)])

@@ -1,4 +1,4 @@
-"""retriever.py against transformers' BertModel, a loop MaxSim, brute-force search, and real
+"""retriever.py and colbert_index.py against transformers' BertModel, a loop MaxSim, brute-force search, and real
 retrieval on PubMedQA; plus the index's resume, refusal and bad-input behaviour, and the index and
 candidate lists built by 2 torchrun ranks against one process, byte for byte."""
 
@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig as HFBertConfig
 from transformers import BertModel
 
-import retriever
+import colbert_index
 from conftest import CACHE
 from qa_data import pubmedqa_corpus, read_qa
-from retriever import (ColBERT, ColBERTConfig, Index, build_index, default_model_dir, in_batch_loss, maxsim,
-                       read_corpus, score_candidate_lists, write_candidates)
+from colbert_index import Index, build_index, read_corpus, write_candidates
+from retriever import ColBERT, ColBERTConfig, default_model_dir, in_batch_loss, maxsim, score_candidate_lists
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -271,7 +271,7 @@ def test_search_returns_the_brute_force_top_k(tiny_index):
 
 def test_killed_build_resumes_to_an_identical_index(tiny_index, tmp_path, monkeypatch):
     model, corpus, index_dir = tiny_index
-    calls, real = [], retriever.encode_shard
+    calls, real = [], colbert_index.encode_shard
 
     def dies_on_third_shard(*args):
         calls.append(1)
@@ -279,13 +279,13 @@ def test_killed_build_resumes_to_an_identical_index(tiny_index, tmp_path, monkey
             raise KeyboardInterrupt("killed")
         return real(*args)
 
-    monkeypatch.setattr(retriever, "encode_shard", dies_on_third_shard)
+    monkeypatch.setattr(colbert_index, "encode_shard", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         build_index(model, corpus, tmp_path / "resumed", shard_size=10, batch_size=4)
     with pytest.raises(ValueError, match="did not finish"):
         Index(tmp_path / "resumed")
     calls.clear()
-    monkeypatch.setattr(retriever, "encode_shard", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(colbert_index, "encode_shard", lambda *a: (calls.append(1), real(*a))[1])
     build_index(model, corpus, tmp_path / "resumed", shard_size=10, batch_size=4)
     assert len(calls) == 3, "the resumed build re-encoded shards that were complete"
     files = sorted(p.name for p in index_dir.iterdir())
@@ -346,11 +346,11 @@ def test_candidate_lists_scored_in_token_chunks_equal_one_pass(tiny_index):
 # torchrun: the ranks share the index build and the candidate lists
 
 def run_cli(nproc: int, *args) -> subprocess.CompletedProcess:
-    """retriever.py's command line in fresh processes: python, or torchrun with nproc gloo ranks."""
+    """colbert_index.py's command line in fresh processes: python, or torchrun with nproc gloo ranks."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(launcher + [str(ROOT / "retriever.py"), *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.run(launcher + [str(ROOT / "colbert_index.py"), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -378,7 +378,7 @@ def test_two_ranks_build_resume_and_list_candidates_as_one_process(tmp_path):
     build_index(model, corpus, tmp_path / "one", shard_size=10, batch_size=4, model_path=str(ckpt))
     write_candidates(model, Index(tmp_path / "one"), qa, tmp_path / "one.jsonl", n=5, batch_size=2)
 
-    index = ["index", corpus, tmp_path / "two", "--model", ckpt, "--shard-size", 10, "--batch-size", 4, "--doc-maxlen", 12]
+    index = ["build", corpus, tmp_path / "two", "--model", ckpt, "--shard-size", 10, "--batch-size", 4, "--doc-maxlen", 12]
     log = run_cli(2, *index).stderr
     encoded = sorted(re.findall(r"rank (\d): shard (\d)/5", log), key=lambda x: x[1])
     assert encoded == [("0", "1"), ("1", "2"), ("0", "3"), ("1", "4"), ("0", "5")], f"shards by rank: {encoded}\n{log}"

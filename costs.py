@@ -115,16 +115,13 @@ def llm_shape(cfg: train.TrainConfig) -> tuple[LlamaConfig, str]:
 def retriever_shape(cfg: train.TrainConfig) -> tuple[rt.BertConfig, rt.ColBERTConfig, str]:
     """config.json (+ its ColBERT settings, as ColBERT.from_pretrained reads them), else ColBERTv2;
     cfg.query_maxlen / doc_maxlen replace them where set, as train.load_retriever does."""
-    settings = {k: getattr(cfg, k) for k in ("query_maxlen", "doc_maxlen") if getattr(cfg, k)}
+    settings = train.colbert_settings(cfg)
     path = Path(model_dir(cfg, "retriever") or "-") / "config.json"
     if not path.is_file():
         return rt.BertConfig(), replace(rt.ColBERTConfig(), **settings), (
             f"assumed: ColBERTv2 = BERT-base shape + 128-dim projection (no config.json at --retriever={cfg.retriever!r})")
     hf = json.loads(path.read_text())
-    meta = path.parent / "artifact.metadata"
-    saved = hf.get("colbert") or (json.loads(meta.read_text()) if meta.is_file() else {})
-    colbert = rt.ColBERTConfig(**{f.name: saved[f.name] for f in fields(rt.ColBERTConfig) if f.name in saved})
-    return rt.BertConfig.from_hf(hf, path), replace(colbert, **settings), str(path)
+    return rt.BertConfig.from_hf(hf, path), replace(rt.saved_colbert_config(path.parent, hf), **settings), str(path)
 
 
 def meta_models(cfg: train.TrainConfig, shape: LlamaConfig, bert: rt.BertConfig, colbert: rt.ColBERTConfig):

@@ -490,7 +490,8 @@ def answer_batch(model: JMLR, records: list[QARecord], examples: list[Example], 
     helped = document_help(model, records, examples, scores, ids) if settings.helpfulness and ids else None
     out = []
     for i, (r, ex) in enumerate(zip(records, examples)):
-        res = {"id": r.id, "subject": r.subject, "answer": r.answer, "rank": ranks[i], "answers": {}}
+        res = {"id": r.id, "subject": r.subject, "answer": r.answer, "rank": ranks[i], "answers": {},
+               "longest": max(ex.options, key=lambda x: len(ex.options[x]))}        # the length bias, in summarize
         res |= {"help": helped[i]} if helped else {}
         for k in ks:
             docs = top[k][0][i] if k else []
@@ -544,6 +545,8 @@ def summarize(results: list[dict], k: int, rule: str | None) -> dict:
     at_k = [res["answers"][k, rule] for res in results]
     out = accuracy_summary([a["correct"] for a in at_k])
     out["predicted"] = dict(sorted(Counter(str(a["pred"]) for a in at_k).items()))   # a constant answerer shows here
+    out["longest_picked"] = sum(a["pred"] == res["longest"] for res, a in zip(results, at_k)) / len(at_k)
+    out["longest_right"] = sum(res["answer"] == res["longest"] for res in results) / len(results)
     subjects = defaultdict(list)
     for res, a in zip(results, at_k):
         if res["subject"]:

@@ -105,6 +105,14 @@ TOP_KEYS = {"word_embeddings": "embeddings.word_embeddings", "position_embedding
 IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
 
 
+def saved_colbert_config(ckpt_dir: Path, hf: dict) -> ColBERTConfig:
+    """The ColBERT settings a checkpoint carries: config.json's "colbert" entry (our saves) or
+    artifact.metadata (ColBERTv2); ColBERTv2's defaults for what neither says."""
+    meta = ckpt_dir / "artifact.metadata"
+    saved = hf.get("colbert") or (json.loads(meta.read_text()) if meta.is_file() else {})
+    return ColBERTConfig(**{f.name: saved[f.name] for f in fields(ColBERTConfig) if f.name in saved})
+
+
 def hf_key(key: str) -> str:
     """'layers.3.query.weight' -> 'encoder.layer.3.attention.self.query.weight'."""
     parts = key.split(".")
@@ -244,11 +252,7 @@ class ColBERT(nn.Module):
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: no config.json; expected an HF-format BERT directory")
         hf = json.loads(cfg_path.read_text())
-        if cfg is None:
-            meta = ckpt_dir / "artifact.metadata"
-            saved = hf.get("colbert") or (json.loads(meta.read_text()) if meta.is_file() else {})
-            cfg = ColBERTConfig(**{f.name: saved[f.name] for f in fields(ColBERTConfig) if f.name in saved})
-        cfg = replace(cfg, **settings)
+        cfg = replace(cfg or saved_colbert_config(ckpt_dir, hf), **settings)
         longest = hf.get("max_position_embeddings", 512)
         for name, value in settings.items():
             if name in ("query_maxlen", "doc_maxlen") and value > longest:

@@ -270,8 +270,12 @@ def build_model(cfg: TrainConfig, device: torch.device) -> JMLR:
 def load_retriever(cfg: TrainConfig, device: torch.device) -> rt.ColBERT:
     """The retriever, with cfg.query_maxlen / doc_maxlen where they are set (a USMLE vignette has
     about 140 WordPiece tokens: at ColBERTv2's 32 the question itself is cut off)."""
-    settings = {k: getattr(cfg, k) for k in ("query_maxlen", "doc_maxlen") if getattr(cfg, k)}
-    return rt.ColBERT.from_pretrained(cfg.retriever, device=device, **settings)
+    return rt.ColBERT.from_pretrained(cfg.retriever, device=device, **colbert_settings(cfg))
+
+
+def colbert_settings(cfg: TrainConfig) -> dict:
+    """The ColBERT settings cfg replaces in the retriever's own: query_maxlen, doc_maxlen where set."""
+    return {k: getattr(cfg, k) for k in ("query_maxlen", "doc_maxlen") if getattr(cfg, k)}
 
 
 def resolve_retriever(name: str) -> str:

@@ -222,6 +222,9 @@ def test_question_records_say_what_the_rows_say(files):
         assert all(q["correct"] == (q["pred"] == q["answer"]) for q in mine)
         assert sum(q["correct"] for q in mine) / len(mine) == row["accuracy"], f"accuracy of {ev.ROW_KEYS} {row}"
         assert Counter(str(q["pred"]) for q in mine) == row["predicted"], "answer counts"
+        longest = ["ABCD"[max(range(4), key=lambda j: len(opts[j]))] for _, opts, *_ in QUESTIONS]   # first of ties
+        assert row["longest_picked"] == sum(q["pred"] == x for q, x in zip(mine, longest)) / len(mine)
+        assert row["longest_right"] == sum(a == x for (_, _, a, *_), x in zip(QUESTIONS, longest)) / len(mine)
         if row["mode"] == "likelihood":
             assert all(q["pred"] == min(q["losses"], key=q["losses"].get) for q in mine), "the prediction: the argmin"
         else:
@@ -265,11 +268,12 @@ def test_extract_letter(text, options, letter):
 
 
 def test_unparsed_share_and_rationale_scores_are_averaged_by_hand():
-    results = [{"subject": None, "rank": None,
+    results = [{"subject": None, "rank": None, "answer": "A", "longest": "B",
                 "answers": {(0, None): {"correct": c, "pred": x, "parsed": x is not None, "f1": f}}}
                for c, x, f in [(True, "A", 0.5), (False, None, None), (False, "B", 0.1), (True, "A", 0.3)]]
     s = ev.summarize(results, 0, None)
     assert s["unparsed"] == 1 / 4 and s["accuracy"] == 2 / 4, "unparsed share / accuracy"
+    assert (s["longest_picked"], s["longest_right"]) == (1 / 4, 0.0), "the length bias: B is the longest"
     assert s["predicted"] == {"A": 2, "B": 1, "None": 1}, "how often each answer was given"
     assert s["rationale_f1"] == pytest.approx(0.3), "mean F1 over the questions that have a reference"
 

@@ -544,9 +544,7 @@ def losses_agree(ref: list[float], other: list[float], rtol: float = 2**-6, atol
 
 def section_torchrun(budget: Budget, rec: Record, args):
     out = Path(args.out) / "train"                 # the runs share out/train/demo-data-seed0
-    flags = SMALL + [f"--steps={args.train_steps}"]
-    if '"bf16"' in (ROOT / "train.py").read_text():   # train.py's explicit bf16 setting, where it has one
-        flags.append("--autocast=bf16")
+    flags = SMALL + [f"--steps={args.train_steps}", "--autocast=bf16"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     rec.note("train.py " + " ".join(flags) + " [--fsdp=True]; torchrun: python -m torch.distributed.run --standalone "
              "--nproc_per_node=1; losses agree: |a - b| <= 1e-3 + 2^-6 |a| at every step")

@@ -15,6 +15,7 @@ Run:
 
 import argparse
 import csv
+import io
 import json
 import re
 import string
@@ -45,15 +46,34 @@ def qa_field(rec: dict, key: str, where: str):
 
 
 def qa_text(value, name: str, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if value is not None and not isinstance(value, str):   # 5, true, [...]: say what was found
+        raise ValueError(f"{where}: {name!r} is {value!r} ({type(value).__name__}); expected a text (a JSON string)")
+    if value is None or not value.strip():
         raise ValueError(f"{where}: missing or empty {name!r}")
     return value
+
+
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads's object_pairs_hook: a key given twice is refused (JSON keeps the last one silently,
+    which drops a PubMedQA question with a repeated pmid, or the first of two 'answer' fields)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(f"duplicate key {k!r}; every key (a PubMedQA pmid, a field) must appear once")
+        out[k] = v
+    return out
 
 
 def qa_options(raw, where: str) -> dict[str, str]:
     """{letter: text} or [texts] -> {"A": text, "B": text, ...} in letter order, so the prompt and
     the answer letter agree however the file ordered its keys."""
     if isinstance(raw, list):
+        if len(raw) > len(string.ascii_uppercase):            # zip would drop the 27th and later silently
+            raise ValueError(f"{where}: {len(raw)} options; at most 26 (A-Z) can be lettered")
         raw = dict(zip(string.ascii_uppercase, raw))          # lettered in list order
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{where}: missing or empty 'options'; give {{letter: text}} or a list of texts")
@@ -98,7 +118,7 @@ def medmcqa_record(rec: dict, where: str, default_id: str) -> QARecord:
     """MedMCQA: four options opa..opd and cop, the correct one numbered 1-4; exp may be null or ""."""
     options = qa_options([qa_field(rec, k, where) for k in ("opa", "opb", "opc", "opd")], where)
     cop = qa_field(rec, "cop", where)
-    if cop not in (1, 2, 3, 4):
+    if type(cop) is not int or cop not in (1, 2, 3, 4):   # true == 1 and 1.0 == 1 in Python: neither is a cop
         raise ValueError(f"{where}: cop={cop!r} is outside 1-4 (1 -> A, ..., 4 -> D)")
     return QARecord(str(rec.get("id", default_id)), qa_text(rec.get("question"), "question", where),
                     options, "ABCD"[cop - 1], rationale=rec.get("exp") or None, subject=rec.get("subject_name"))
@@ -120,7 +140,9 @@ def read_jsonl_records(path: Path) -> Iterator[tuple[dict, str, str]]:
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)   # from bytes, so invalid UTF-8 is a ValueError with this line too
+                rec = json.loads(raw, object_pairs_hook=unique_keys)   # bytes: bad UTF-8 names this line too
+            except DuplicateKeyError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e}); each line must be one JSON object") from None
             if not isinstance(rec, dict) or not rec:
@@ -128,11 +150,23 @@ def read_jsonl_records(path: Path) -> Iterator[tuple[dict, str, str]]:
             yield rec, f"{path}:{n}", f"{path.stem}:{n}"
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file, less a byte-order mark (Excel writes one; it would start the first
+    question); invalid UTF-8 raises naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                         "re-encode the file as UTF-8") from None
+
+
 def read_mmlu(path: Path) -> list[QARecord]:
     """MMLU's header-less CSV question,A,B,C,D,answer; the subject is the file name less its split."""
     subject = re.sub(r"_(test|dev|val)$", "", path.stem)   # anatomy_test.csv -> anatomy
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text_file(path), newline="") as f:
         reader, next_line = csv.reader(f), 1
         for row in reader:
             line, next_line = next_line, reader.line_num + 1   # a quoted field may span lines: name the first
@@ -150,7 +184,9 @@ def read_mmlu(path: Path) -> list[QARecord]:
 
 def read_pubmedqa_json(path: Path) -> dict[str, dict]:
     try:
-        data = json.loads(path.read_bytes())   # one object: no line to name but the decoder's
+        data = json.loads(path.read_bytes(), object_pairs_hook=unique_keys)   # one object: the decoder's position
+    except DuplicateKeyError as e:
+        raise ValueError(f"{path}: {e}") from None
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

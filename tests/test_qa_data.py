@@ -176,6 +176,11 @@ MEDMCQA = {"question": "q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "co
      "medqa.jsonl:1: answer_idx 'B' is 'insulin' but answer is 'aspirin'"),
     ("dev.jsonl", [MEDMCQA, {**MEDMCQA, "cop": 5}], "dev.jsonl:2: cop=5 is outside 1-4"),
     ("dev.jsonl", [MEDMCQA, {k: v for k, v in MEDMCQA.items() if k != "opd"}], "dev.jsonl:2: missing field 'opd'"),
+    ("qa.jsonl", [{**GOOD, "options": [f"o{i}" for i in range(27)]}], "qa.jsonl:1: 27 options; at most 26 (A-Z)"),
+    ("qa.jsonl", [GOOD, '{"question": "q?", "options": ["a", "b"], "answer": "A", "answer": "B"}'],
+     "qa.jsonl:2: duplicate key 'answer'"),
+    ("qa.jsonl", [{**GOOD, "answer": 2}], "qa.jsonl:1: 'answer' is 2 (int); expected a text"),
+    ("dev.jsonl", [MEDMCQA, {**MEDMCQA, "cop": True}], "dev.jsonl:2: cop=True is outside 1-4"),
     ("qa.jsonl", [], "qa.jsonl: no questions"),
     ("qa.jsonl", ["", "  "], "qa.jsonl: no questions"),
 ])
@@ -191,9 +196,10 @@ def test_bad_json_lines_name_file_and_line(tmp_path, name, lines, message):
     ('q1,a,b,c,d,A\n"two\nlines",a,b,c,d,a,b\n', "x_test.csv:2: expected 6 columns"),
     ('q1,a,b,c,d,A\n\n"two\nlines",a,b,c,d,E\n', "x_test.csv:3: answer letter 'E' is not one of the options"),
     ("", "x_test.csv: no questions"),
+    ("q1,a,b,c,d,A\nq2,caf\xe9,b,c,d,A\n".encode("latin-1"), "x_test.csv:2: not valid UTF-8"),
 ])
 def test_bad_csv_names_file_and_csv_line(tmp_path, text, message):
-    (tmp_path / "x_test.csv").write_text(text)
+    (tmp_path / "x_test.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError) as e:
         read_qa(tmp_path / "x_test.csv")
     assert str(e.value).startswith(f"{tmp_path}/{message}")
@@ -204,12 +210,19 @@ def test_bad_csv_names_file_and_csv_line(tmp_path, text, message):
     ({"111": {"final_decision": "yes"}}, "pq.json pmid 111: missing or empty 'QUESTION'"),
     ({"111": "yes"}, "pq.json: expected PubMedQA's {pmid: {QUESTION"),   # test_ground_truth.json's shape
     ({}, "pq.json: no questions"),
+    ('{"111": {"QUESTION": "q?", "final_decision": "yes"}, "111": {"QUESTION": "r?", "final_decision": "no"}}',
+     "pq.json: duplicate key '111'"),   # json.loads alone keeps the second question and drops the first
 ])
 def test_bad_pubmedqa_names_file_and_pmid(tmp_path, data, message):
-    (tmp_path / "pq.json").write_text(json.dumps(data))
+    (tmp_path / "pq.json").write_text(data if isinstance(data, str) else json.dumps(data))
     with pytest.raises(ValueError) as e:
         read_qa(tmp_path / "pq.json")
     assert str(e.value).startswith(f"{tmp_path}/{message}")
+
+
+def test_mmlu_byte_order_mark_is_not_part_of_the_first_question(tmp_path):
+    (tmp_path / "x_test.csv").write_text("What is 2+2?,3,4,5,6,B\n", encoding="utf-8-sig")   # as Excel saves it
+    assert read_qa(tmp_path / "x_test.csv")[0].question == "What is 2+2?"
 
 
 def test_unknown_format_name_is_refused(tmp_path):

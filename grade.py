@@ -57,9 +57,10 @@ def find_submissions(paths: list[Path]) -> list[Path]:
 
 
 def regions_of(root: Path, rel: str, names: list[str], texts: dict[str, str] | None = None) -> dict[str, list[Region]]:
-    """{name: its regions in file `rel`, in order} for the names given."""
+    """{name: its regions in file `rel`, in order} for the names given (a submission's file is read
+    leniently: one body that does not tokenize must not hide the others)."""
     out = {name: [] for name in names}
-    for r in find_regions(root, [rel], texts):
+    for r in find_regions(root, [rel], texts, lenient=root != ROOT):
         if r.name in out:
             out[r.name].append(r)
     return out
@@ -115,7 +116,7 @@ def splice(submission: Path, work: Path, names: list[str], harder: list[str]) ->
             sub_lines = (submission / rel).read_text().splitlines(keepends=True)
             sub = regions_of(submission, rel, list(ref))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            problems.update({name: f"{rel}: cannot read the submission's markers ({e})" for name in ref})
+            problems.update({name: f"{rel}: cannot read its markers ({e}); keep the markers as they came" for name in ref})
         for name, regions in ref.items():
             if name not in problems and len(sub.get(name, [])) != len(regions):
                 problems[name] = (f"{rel}: {len(sub.get(name, []))} marked bodies of {name}, the reference has "
@@ -160,6 +161,7 @@ def score(report: list[dict], names: list[str], problems: dict[str, str], tail: 
     for e in report:
         if "outcome" in e:
             outcomes.setdefault(e["nodeid"], []).append(e)
+    names = sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
     out = {name: {"points": 0, "max": 0, "passed": 0, "tests": 0, "failures": []} for name in names}
     for nodeid, t in tests.items():
         a = out.get(t["assignment"])

@@ -136,9 +136,11 @@ def repository_files(root: Path) -> list[str]:
     return sorted(files)
 
 
-def marker_comments(source: bytes, rel: str) -> list[tuple[int, str, str]]:
+def marker_comments(source: bytes, rel: str, lenient: bool = False) -> list[tuple[int, str, str]]:
     """(line, indentation, text) of each comment in a Python file that looks like a marker. Comments
-    only (the tokenizer's), so a docstring or a string that shows the format is not a marker."""
+    only (the tokenizer's), so a docstring or a string that shows the format is not a marker.
+    lenient (grade.py, a student's file): a file the tokenizer refuses (an unclosed bracket) is read
+    line by line, so that the bodies of the other assignments in it can still be graded."""
     found = []
     try:
         for tok in tokenize.tokenize(io.BytesIO(source).readline):
@@ -148,13 +150,19 @@ def marker_comments(source: bytes, rel: str) -> list[tuple[int, str, str]]:
                     raise ValueError(f"{rel}:{tok.start[0]}: a marker must be a line of its own, not follow code")
                 found.append((tok.start[0], before, tok.string))
     except (tokenize.TokenError, SyntaxError) as e:
-        raise ValueError(f"{rel}: cannot tokenize ({e})") from None
+        if not lenient:
+            raise ValueError(f"{rel}: cannot tokenize ({e})") from None
+        lines = source.decode("utf-8", errors="replace").splitlines()
+        return [(n, line[:len(line) - len(line.lstrip())], line.strip()) for n, line in enumerate(lines, 1)
+                if LOOKS_LIKE_A_MARKER.match(line.strip())]
     return found
 
 
-def find_regions(root: Path, files: list[str] | None = None, texts: dict[str, str] | None = None) -> list[Region]:
+def find_regions(root: Path, files: list[str] | None = None, texts: dict[str, str] | None = None,
+                 lenient: bool = False) -> list[Region]:
     """Every marked body in the .py files among `files` (default: repository_files(root)), in file
-    and line order; a file in `texts` is read from there instead of from the disk. Markers must pair up: a ValueError says file:line of the first one that does
+    and line order; a file in `texts` is read from there instead of from the disk (lenient: see
+    marker_comments). Markers must pair up: a ValueError says file:line of the first one that does
     not (malformed, a start inside another region, an end without its start or with another name
     or indentation, a start never closed, nothing between the two)."""
     regions = []
@@ -163,7 +171,7 @@ def find_regions(root: Path, files: list[str] | None = None, texts: dict[str, st
             continue
         opened = None                                                    # (line, indent, start match)
         source = texts[rel].encode("utf-8") if texts and rel in texts else (root / rel).read_bytes()
-        for line, indent, text in marker_comments(source, rel):
+        for line, indent, text in marker_comments(source, rel, lenient):
             start, end, where = START.match(text), END.match(text), f"{rel}:{line}"
             if not (start or end):
                 raise ValueError(f"{where}: malformed marker {text!r}: write '# assignment: NAME: hint' before "

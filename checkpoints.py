@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import retriever as rt
 from jmlr import JMLR, OptionHead
-from llama import Llama, add_lora, atomic_write
+from llama import (Llama, add_lora, atomic_write, check_keys_and_shapes, check_weight_values, open_safetensors,
+                   read_headers, read_json)
 
 if TYPE_CHECKING:                     # train.py imports this file; the config class is only named here
     from train import TrainConfig
@@ -110,6 +111,33 @@ def save_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", step: int, rank:
         dist.barrier()
 
 
+def read_trainable(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """trainable.safetensors, once it holds exactly the model's trainable parameters (the names
+    save_checkpoint writes), each of its shape, stored as floats, with finite values; anything else
+    is refused naming the tensor (a missing one would resume at its initial value)."""
+    path = ckpt / "trainable.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the checkpoint is incomplete: resume from an earlier one "
+                                "(write its name into checkpoints/latest) or start a new out_dir")
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}   # global shapes
+    check_keys_and_shapes(ckpt, expected, read_headers([path]), against="the model being resumed (its trainable "
+                          "parameters); resume with the settings it was saved with")
+    with open_safetensors(path) as f:
+        return {k: check_weight_values(f.get_tensor(k), k, path) for k in expected}
+
+
+def load_optimizer_state(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; the checkpoint is incomplete: resume from an earlier one "
+                                "(write its name into checkpoints/latest) or start a new out_dir") from None
+    except Exception as e:                  # a truncated zip, pickled objects weights_only refuses, ...
+        raise ValueError(f"{path}: not a readable optimizer state ({type(e).__name__}: {str(e)[:200]}); the "
+                         "checkpoint is damaged: resume from an earlier one (write its name into "
+                         "checkpoints/latest) or start a new out_dir") from None
+
+
 def load_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", rank: int) -> int:
     """Restore the last complete checkpoint into a freshly built model -> the step to continue
     from (0 when there is none). Frozen weights come from the same sources as at the start."""
@@ -119,14 +147,23 @@ def load_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", rank: int) -> in
     if not (root / "latest").is_file():
         return 0
     ckpt = root / (root / "latest").read_text().strip()
-    saved = json.loads((ckpt / "state.json").read_text())
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"{root / 'latest'} names {ckpt.name}, which holds no state.json; write the name of a "
+                                f"complete checkpoint ({', '.join(sorted(d.name for d in root.glob('step_*')))}) into "
+                                "it, or start a new out_dir")
+    saved = read_json(ckpt / "state.json", "the checkpoint is damaged: resume from an earlier one (write its name "
+                      "into checkpoints/latest) or start a new out_dir")
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(saved.get("step"), int):
+        raise ValueError(f"{ckpt / 'state.json'}: expected {{step, config, ...}} as save_checkpoint writes it; "
+                         "resume from an earlier checkpoint or start a new out_dir")
     for key in ("steps", "batch_size", "seed", "jmlr"):
-        if saved["config"][key] != json.loads(json.dumps(asdict(cfg)[key])):
-            raise ValueError(f"{ckpt}: saved with {key}={saved['config'][key]!r}, now {asdict(cfg)[key]!r}; "
+        if saved["config"].get(key) != json.loads(json.dumps(asdict(cfg)[key])):
+            raise ValueError(f"{ckpt}: saved with {key}={saved['config'].get(key)!r}, now {asdict(cfg)[key]!r}; "
                              "resume with the same settings or use a new out_dir")
     opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, load_file(ckpt / "trainable.safetensors"), options=opts)
-    set_optimizer_state_dict(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True), options=opts)
+    trainable, optim = read_trainable(ckpt, model), load_optimizer_state(ckpt / "optimizer.pt")   # both checked first
+    set_model_state_dict(model, trainable, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim, options=opts)
     rng_file = ckpt / f"rng_{rank}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)

@@ -8,7 +8,7 @@ else of the submission is used, so editing a test, a helper outside the markers 
 changes nothing. A body that does not compile, or markers that were removed or added, cost that
 assignment its points and no other's. Each grading test is one graded property worth its points
 (`@pytest.mark.points`, default 1): partial credit. One pytest process per submission, one thread
-each; about 15 s a submission on 2 CPU cores.
+each; about 7.5 s a submission on 2 quiet CPU cores.
 
 Run:
     python grade.py ../course                       # one copy: a table per assignment, grades.json

@@ -10,7 +10,8 @@ their explanations, each question's gold document its own, with the leading answ
 ("Ans: C. Epinephrine ..." -> "Epinephrine ..."): a document states a finding, never which letter
 of this question it is, so the LLM must match option text to document text. A seeded split puts
 --test-n questions in the test file, the rest in the training file. all-MiniLM-L6-v2 ranks a
-question's own explanation first for 44% of the questions (README, "JMLR on real medical text").
+question's own explanation first for 44% of the questions (measured before the cut; README, "A
+real-data setting with retrieval headroom").
 pubmedqa: the 1,000 PQA-L abstracts as documents; training = the 500 questions outside the
 official test split, test = the first --test-n official test questions (in pmid order).
 pubmedqa-sections: the same questions; every labelled section of an abstract and its conclusion

@@ -54,7 +54,7 @@ def qa_text(value, name: str, where: str) -> str:
 
 
 class DuplicateKeyError(ValueError):
-    pass
+    """A JSON object gives one key twice (json.loads would keep the later value silently)."""
 
 
 def unique_keys(pairs: list[tuple[str, object]]) -> dict:

@@ -117,7 +117,16 @@ SMOLLM2_PUBMEDQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", comp
                         num_candidates=8, steps=80, batch_size=4, micro_batch_size=4, lr_llm=2e-5, lr_retriever=1e-5,
                         warmup_steps=10, log_every=10, eval_batch_size=8, out_dir="runs/smollm2-pubmedqa",
                         jmlr=dict(num_sampled=4, top_k=2, max_doc_tokens=96))
-PRESETS = {"demo": DEMO, "smollm2-pubmedqa": SMOLLM2_PUBMEDQA, "llama2-7b": LLAMA2,
+# The real-data comparison (README, "JMLR on MedMCQA explanations"): SmolLM2-135M + all-MiniLM-L6-v2,
+# the corpus MedMCQA's explanations (benchmarks/real_data.py medmcqa-exp), one document in the prompt.
+SMOLLM2_MEDMCQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", compare=("none", "rag", "jmlr"),
+                       train_file="runs/medmcqa-exp/train.jsonl", test_file="runs/medmcqa-exp/test.jsonl",
+                       corpus="runs/medmcqa-exp/corpus.jsonl", num_candidates=8, query_maxlen=64, autocast="bf16",
+                       steps=100, batch_size=8, micro_batch_size=8, lr_llm=2e-5, lr_retriever=3e-5, warmup_steps=10,
+                       log_every=10, eval_batch_size=16, eval_helpfulness=150, out_dir="runs/smollm2-medmcqa",
+                       jmlr=dict(num_sampled=4, top_k=1, max_doc_tokens=64))
+PRESETS = {"demo": DEMO, "smollm2-pubmedqa": SMOLLM2_PUBMEDQA,
+           "smollm2-medmcqa": SMOLLM2_MEDMCQA, "llama2-7b": LLAMA2,
            "llama2-13b": {**LLAMA2, "fsdp": True, "micro_batch_size": 2}}
 
 

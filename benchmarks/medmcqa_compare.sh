@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The real-data comparison (README, "JMLR on MedMCQA explanations"): none / RAG / JMLR x 3 seeds,
+# each row trained by train.py and scored by eval.py on the 500 held-out questions, as 9
+# independent single-thread jobs on 2 lanes (two 1-thread processes beat one 2-thread process on
+# 2 cores). Needs: benchmarks/real_data.py medmcqa-exp ... runs/medmcqa-exp, and the converted
+# SmolLM2 weights in checkpoints/smollm2-135m. Then: python benchmarks/paired.py runs/cmp
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/cmp}
+LANES=${LANES:-2}
+export OMP_NUM_THREADS=1 OUT
+mkdir -p "$OUT"
+[ -d "$OUT/initial-retriever" ] || python -c "import retriever as rt; rt.ColBERT.from_pretrained(rt.default_model_dir(), query_maxlen=64).save_pretrained('$OUT/initial-retriever')"   # the "before" retriever, as train.py loads it
+[ -f "$OUT/candidates.jsonl" ] || OMP_NUM_THREADS=2 python -c "import train; train.prepare(train.parse_args(['--preset=smollm2-medmcqa', '--out_dir=$OUT', '--candidates=$OUT/candidates.jsonl']), 0)"   # once, before the lanes start
+job() {   # objective seed: train, then accuracy on all 500 test questions, then helpfulness on 150
+  local obj=$1 seed=$2 dir="$OUT/seed$2-$1" data=runs/medmcqa-exp
+  python train.py --preset=smollm2-medmcqa "--compare=('$obj',)" --seed="$seed" --test_file= \
+      --out_dir="$dir" --candidates="$OUT/candidates.jsonl" > "$dir.train.log" 2>&1
+  local ret=none
+  [ "$obj" != none ] && ret=trained
+  python eval.py $data/test.jsonl --llm "$dir/$obj" --retriever $ret --corpus $data/corpus.jsonl \
+      --candidates "$OUT/candidates.jsonl" --score letter sum mean --dtype bfloat16 --out "$dir.eval.json" \
+      > "$dir.eval.log" 2>&1
+  if [ "$obj" != none ]; then
+    python eval.py $data/test.jsonl --llm "$dir/$obj" --retriever trained "$OUT/initial-retriever" --corpus $data/corpus.jsonl \
+        --candidates "$OUT/candidates.jsonl" --helpfulness --limit 150 --dtype bfloat16 \
+        --out "$dir.helpful.json" > "$dir.helpful.log" 2>&1
+  fi
+  echo "$(date +%T) done $obj seed $seed"
+}
+export -f job
+# the longest jobs first, so that the two lanes finish together
+printf '%s\n' "jmlr 0" "jmlr 1" "jmlr 2" "rag 0" "rag 1" "rag 2" "none 0" "none 1" "none 2" \
+    | xargs -P "$LANES" -L 1 bash -c 'job $0 $1'

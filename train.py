@@ -121,7 +121,7 @@ SMOLLM2_PUBMEDQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", comp
 # the corpus MedMCQA's explanations (benchmarks/real_data.py medmcqa-exp), one document in the prompt.
 SMOLLM2_MEDMCQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", compare=("none", "rag", "jmlr"),
                        train_file="runs/medmcqa-exp/train.jsonl", test_file="runs/medmcqa-exp/test.jsonl",
-                       corpus="runs/medmcqa-exp/corpus.jsonl", num_candidates=8, query_maxlen=64, autocast="bf16",
+                       corpus="runs/medmcqa-exp/corpus.jsonl", num_candidates=8, query_maxlen=64, doc_maxlen=80, autocast="bf16",
                        steps=100, batch_size=8, micro_batch_size=8, lr_llm=2e-5, lr_retriever=3e-5, warmup_steps=10,
                        log_every=10, eval_batch_size=16, eval_helpfulness=150, out_dir="runs/smollm2-medmcqa",
                        jmlr=dict(num_sampled=4, top_k=1, max_doc_tokens=64))

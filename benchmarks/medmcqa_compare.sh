@@ -10,9 +10,9 @@ OUT=${OUT:-runs/cmp}
 LANES=${LANES:-2}
 export OMP_NUM_THREADS=1 OUT
 mkdir -p "$OUT"
-[ -d "$OUT/initial-retriever" ] || python -c "import retriever as rt; rt.ColBERT.from_pretrained(rt.default_model_dir(), query_maxlen=64).save_pretrained('$OUT/initial-retriever')"   # the "before" retriever, as train.py loads it
+[ -d "$OUT/initial-retriever" ] || python -c "import retriever as rt; rt.ColBERT.from_pretrained(rt.default_model_dir(), query_maxlen=64, doc_maxlen=80).save_pretrained('$OUT/initial-retriever')"   # the "before" retriever, as train.py loads it
 [ -f "$OUT/candidates.jsonl" ] || OMP_NUM_THREADS=2 python -c "import train; train.prepare(train.parse_args(['--preset=smollm2-medmcqa', '--out_dir=$OUT', '--candidates=$OUT/candidates.jsonl']), 0)"   # once, before the lanes start
-job() {   # objective seed: train, then accuracy on all 500 test questions, then helpfulness on 150
+job() {   # objective seed: train, then accuracy on all 500 test questions, then helpfulness on 100
   local obj=$1 seed=$2 dir="$OUT/seed$2-$1" data=runs/medmcqa-exp
   python train.py --preset=smollm2-medmcqa "--compare=('$obj',)" --seed="$seed" --test_file= \
       --out_dir="$dir" --candidates="$OUT/candidates.jsonl" > "$dir.train.log" 2>&1
@@ -23,7 +23,7 @@ job() {   # objective seed: train, then accuracy on all 500 test questions, then
       > "$dir.eval.log" 2>&1
   if [ "$obj" != none ]; then
     python eval.py $data/test.jsonl --llm "$dir/$obj" --retriever trained "$OUT/initial-retriever" --corpus $data/corpus.jsonl \
-        --candidates "$OUT/candidates.jsonl" --helpfulness --limit 150 --dtype bfloat16 \
+        --candidates "$OUT/candidates.jsonl" --helpfulness --limit 100 --dtype bfloat16 \
         --out "$dir.helpful.json" > "$dir.helpful.log" 2>&1
   fi
   echo "$(date +%T) done $obj seed $seed"

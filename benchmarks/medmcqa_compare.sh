@@ -13,6 +13,7 @@ mkdir -p "$OUT"
 [ -d "$OUT/initial-retriever" ] || python -c "import retriever as rt; rt.ColBERT.from_pretrained(rt.default_model_dir(), query_maxlen=64, doc_maxlen=80).save_pretrained('$OUT/initial-retriever')"   # the "before" retriever, as train.py loads it
 [ -f "$OUT/candidates.jsonl" ] || OMP_NUM_THREADS=2 python -c "import train; train.prepare(train.parse_args(['--preset=smollm2-medmcqa', '--out_dir=$OUT', '--candidates=$OUT/candidates.jsonl']), 0)"   # once, before the lanes start
 job() {   # objective seed: train, then accuracy on all 500 test questions, then helpfulness on 100
+  set -euo pipefail
   local obj=$1 seed=$2 dir="$OUT/seed$2-$1" data=runs/medmcqa-exp
   python train.py --preset=smollm2-medmcqa "--compare=('$obj',)" --seed="$seed" --test_file= \
       --out_dir="$dir" --candidates="$OUT/candidates.jsonl" > "$dir.train.log" 2>&1

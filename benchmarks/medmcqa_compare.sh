@@ -12,7 +12,7 @@ export OMP_NUM_THREADS=1 OUT
 mkdir -p "$OUT"
 [ -d "$OUT/initial-retriever" ] || python -c "import retriever as rt; rt.ColBERT.from_pretrained(rt.default_model_dir(), query_maxlen=64, doc_maxlen=80).save_pretrained('$OUT/initial-retriever')"   # the "before" retriever, as train.py loads it
 [ -f "$OUT/candidates.jsonl" ] || OMP_NUM_THREADS=2 python -c "import train; train.prepare(train.parse_args(['--preset=smollm2-medmcqa', '--out_dir=$OUT', '--candidates=$OUT/candidates.jsonl']), 0)"   # once, before the lanes start
-job() {   # objective seed: train, then accuracy on all 500 test questions, then helpfulness on 100
+job() {   # objective seed: train, then accuracy on all 500 test questions, then (JMLR) helpfulness on 100
   set -euo pipefail
   local obj=$1 seed=$2 dir="$OUT/seed$2-$1" data=runs/medmcqa-exp
   python train.py --preset=smollm2-medmcqa "--compare=('$obj',)" --seed="$seed" --test_file= \
@@ -22,7 +22,7 @@ job() {   # objective seed: train, then accuracy on all 500 test questions, then
   python eval.py $data/test.jsonl --llm "$dir/$obj" --retriever $ret --corpus $data/corpus.jsonl \
       --candidates "$OUT/candidates.jsonl" --score letter sum mean --dtype bfloat16 --out "$dir.eval.json" \
       > "$dir.eval.log" 2>&1
-  if [ "$obj" != none ]; then
+  if [ "$obj" = jmlr ]; then   # RAG's retriever is the initial one: its helpfulness is JMLR's "before"
     python eval.py $data/test.jsonl --llm "$dir/$obj" --retriever trained "$OUT/initial-retriever" --corpus $data/corpus.jsonl \
         --candidates "$OUT/candidates.jsonl" --helpfulness --limit 100 --dtype bfloat16 \
         --out "$dir.helpful.json" > "$dir.helpful.log" 2>&1
@@ -30,6 +30,6 @@ job() {   # objective seed: train, then accuracy on all 500 test questions, then
   echo "$(date +%T) done $obj seed $seed"
 }
 export -f job
-# the longest jobs first, so that the two lanes finish together
-printf '%s\n' "jmlr 0" "jmlr 1" "jmlr 2" "rag 0" "rag 1" "rag 2" "none 0" "none 1" "none 2" \
-    | xargs -P "$LANES" -L 1 bash -c 'job $0 $1'
+# the longest jobs first, so that the two lanes finish together; or the jobs given ("jmlr 2" "rag 0" ...)
+[ $# -gt 0 ] || set -- "jmlr 0" "jmlr 1" "jmlr 2" "rag 0" "rag 1" "rag 2" "none 0" "none 1" "none 2"
+printf '%s\n' "$@" | xargs -P "$LANES" -L 1 bash -c 'job $0 $1'

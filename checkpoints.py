@@ -68,7 +68,8 @@ def save_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", step: int, rank:
     loadable by llama.py, retriever.py and transformers), option_head.safetensors, and for the exact
     resume: trainable.safetensors (every trainable parameter, unmerged), optimizer.pt, rng_RANK.pt and
     state.json (step = data position, config). Written as step_NNNNNN.tmp and renamed when complete,
-    so a crash during a save leaves the previous checkpoint intact. Keeps the last cfg.keep_last."""
+    so a crash during a save leaves the previous checkpoint intact. Keeps the last cfg.keep_last
+    (0: all), the one just written always among them."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -104,9 +105,10 @@ def save_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", step: int, rank:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)                                            # the commit point
         atomic_write(root / "latest", lambda p: Path(p).write_text(final.name))
-        done = sorted(d for d in root.glob("step_*") if not d.name.endswith(".tmp"))
-        for old in done[:-cfg.keep_last]:
-            shutil.rmtree(old)
+        if cfg.keep_last:   # 0 keeps every one; all are this run's (train.check_out_dirs keeps other runs out)
+            others = sorted(d for d in root.glob("step_*") if not d.name.endswith(".tmp") and d != final)
+            for old in others[:max(0, len(others) - (cfg.keep_last - 1))]:   # never the one just written
+                shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
 

@@ -299,8 +299,9 @@ def load_llm(path: str, device: torch.device, dtype: torch.dtype) -> tuple[torch
     """-> (the LLM, wrapped in its option head when the checkpoint has one; tokenizer; training config)."""
     llm_dir, _, head_file, train_cfg = resolve_checkpoint(path)
     llm, tok = Llama.from_pretrained(llm_dir, dtype=dtype, device=device).eval(), Tokenizer(llm_dir)
-    if head_file is not None:     # as train.build_model made it: letters A-E as the tokens they point at
-        llm = OptionHead(llm, [tok.encode(x, bos=False)[0] for x in "ABCDE"]).to(device=device, dtype=dtype)
+    if head_file is not None:     # as train.build_model made it: its letters as the tokens they point at
+        letters = train_cfg.get("option_letters", "ABCDE")
+        llm = OptionHead(llm, [tok.encode(x, bos=False)[0] for x in letters]).to(device=device, dtype=dtype)
         state = load_file(head_file)
         with torch.no_grad():
             for name in ("query", "key"):

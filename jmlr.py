@@ -176,8 +176,10 @@ class OptionHead(nn.Module):
         h_option = h[rows[:, None], (letter_pos + 2).clamp(0, T - 1)]          # (B, n, C): "A" "." text
         logits = (self.query(h_answer)[:, None] * self.key(h_option)).sum(-1) / math.sqrt(h.size(-1))
         logits = logits.float().masked_fill(letter_pos < 0, -math.inf)         # (B, n)
-        target = (tokens[rows, first][:, None] == self.letter_ids).int().argmax(1)   # (B,)
-        return logits, target
+        is_target = tokens[rows, first][:, None] == self.letter_ids                # (B, n)
+        if not bool(is_target.any(1).all()):
+            raise ValueError("an answer letter that is not among the option head's letters (train.py: option_letters)")
+        return logits, is_target.int().argmax(1)                               # (B,) the target option
 
     def sequence_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """-> (B,) cross-entropy of the labelled letter over the options (replaces Llama.sequence_loss)."""

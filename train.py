@@ -40,7 +40,7 @@ import colbert_index as ci
 import retriever as rt
 from checkpoints import load_checkpoint, save_checkpoint
 from demo import make_demo
-from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, helpfulness
+from jmlr import OBJECTIVES, JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, helpfulness
 from llama import Llama, LoraConfig, Tokenizer, add_lora, atomic_write
 from qa_data import read_qa
 
@@ -65,6 +65,7 @@ class TrainConfig:
     jmlr: JMLRConfig = field(default_factory=JMLRConfig)
     # model choices
     option_head: bool = False        # jmlr.OptionHead on top of the LLM (the demo's small models)
+    option_letters: str = "ABCDE"    # the option letters the option head scores (others are refused)
     freeze_embeddings: bool = False  # keep token embeddings of both models at their initial values
     use_lora: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -174,7 +175,61 @@ def parse_args(argv: list[str]) -> TrainConfig:
     apply_overrides(cfg, {k: v for k, v in pairs if k != "preset"})
     if preset != "demo" and not cfg.train_file and not cfg.dry_run:   # only the demo invents its own data
         raise ValueError(f"preset {preset!r} trains on your data: give --train_file, --corpus, --llm and --retriever")
+    check_settings(cfg)
     return cfg
+
+
+def check_settings(cfg: TrainConfig):
+    """Every setting whose value would crash deep inside a run, or silently train something else
+    (a NaN model, a negative step, no step at all), refused before any work: name, value, what is allowed."""
+    finite = math.isfinite
+    rules = [  # (setting, value is allowed, what is allowed)
+        ("steps", cfg.steps >= 1, "at least 1"),
+        ("batch_size", cfg.batch_size >= 1, "at least 1"),
+        ("micro_batch_size", 1 <= cfg.micro_batch_size <= cfg.batch_size and cfg.batch_size % cfg.micro_batch_size == 0,
+         f"at least 1 and a divisor of batch_size={cfg.batch_size}"),
+        ("lr_llm", finite(cfg.lr_llm) and cfg.lr_llm > 0, "finite and above 0"),
+        ("lr_retriever", finite(cfg.lr_retriever) and cfg.lr_retriever > 0, "finite and above 0"),
+        ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "finite and at least 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "at least 0"),
+        ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        ("grad_clip", cfg.grad_clip > 0, "above 0 (math.inf: no clipping; 0 would leave every parameter unchanged)"),
+        ("curriculum", 0 <= cfg.curriculum < 1, "in [0, 1): the fraction of steps before the rank loss starts"),
+        ("num_candidates", cfg.num_candidates >= (2 if cfg.curriculum > 0 else 1),
+         "at least 1 (2 with the curriculum: it compares the top two scores)"),
+        ("query_maxlen", cfg.query_maxlen == 0 or cfg.query_maxlen >= 4, "0 (the retriever's own) or at least 4"),
+        ("doc_maxlen", cfg.doc_maxlen == 0 or cfg.doc_maxlen >= 4, "0 (the retriever's own) or at least 4"),
+        ("demo_diseases", cfg.demo_diseases >= 100, "at least 100 (the demo's held-out diseases need them)"),
+        ("option_letters", cfg.option_letters.isalpha() and cfg.option_letters.isupper()
+         and len(set(cfg.option_letters)) == len(cfg.option_letters), "distinct capital letters, such as ABCDE"),
+        ("autocast", cfg.autocast in ("auto", "bf16", "off"),
+         "'auto' (bf16 on CUDA compute capability >= 8.0), 'bf16' (on any device) or 'off'"),
+        ("s2attn_group_size", cfg.s2attn_group_size >= 2, "at least 2 (half a group is the shift)"),
+        ("dist_timeout_minutes", cfg.dist_timeout_minutes >= 1, "at least 1"),
+        ("log_every", cfg.log_every >= 1, "at least 1"),
+        ("eval_every", cfg.eval_every >= 0, "0 (at the end only) or more"),
+        ("eval_batch_size", cfg.eval_batch_size >= 1, "at least 1"),
+        ("eval_helpfulness", cfg.eval_helpfulness >= 0, "0 (none) or more"),
+        ("save_every", cfg.save_every >= 0, "0 (at the end only) or more"),
+        ("keep_last", cfg.keep_last >= 0, "0 (keep every checkpoint) or more"),
+        ("compare", all(o in OBJECTIVES for o in cfg.compare), f"a tuple of objectives from {', '.join(OBJECTIVES)}"),
+        ("jmlr.num_sampled", cfg.jmlr.num_sampled >= 2, "at least 2 (the rank loss compares pairs)"),
+        ("jmlr.tau", finite(cfg.jmlr.tau) and cfg.jmlr.tau > 0, "finite and above 0"),
+        ("jmlr.tau_rank", finite(cfg.jmlr.tau_rank) and cfg.jmlr.tau_rank > 0, "finite and above 0"),
+        ("jmlr.tie_margin", finite(cfg.jmlr.tie_margin) and cfg.jmlr.tie_margin >= 0, "finite and at least 0"),
+        ("jmlr.top_k", 1 <= cfg.jmlr.top_k <= cfg.num_candidates, f"in [1, num_candidates={cfg.num_candidates}]"),
+        ("jmlr.rank_weight", finite(cfg.jmlr.rank_weight) and cfg.jmlr.rank_weight >= 0, "finite and at least 0"),
+        ("jmlr.max_doc_tokens", cfg.jmlr.max_doc_tokens >= 1, "at least 1 (LLM tokens kept of each document)"),
+        ("jmlr.confidence_margin", finite(cfg.jmlr.confidence_margin), "finite"),
+        ("jmlr.max_pass_tokens", cfg.jmlr.max_pass_tokens >= 1, "at least 1"),
+        ("lora.rank", cfg.lora.rank >= 1, "at least 1"),
+        ("lora.alpha", finite(cfg.lora.alpha) and cfg.lora.alpha > 0, "finite and above 0"),
+        ("lora.dropout", 0 <= cfg.lora.dropout < 1, "in [0, 1)"),
+    ]
+    for name, ok, allowed in rules:
+        if not ok:
+            value = functools.reduce(getattr, name.split("."), cfg)
+            raise ValueError(f"{name}={value!r}: use {allowed} (see TrainConfig in train.py)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +314,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> JMLR:
         from s2attn_kernel import S2Attention
         llm.train_attn_fn = S2Attention(cfg.s2attn_group_size)
     if cfg.option_head:
-        letter_ids = [tok.encode(x, bos=False)[0] for x in "ABCDE"]
-        llm = OptionHead(llm, letter_ids).to(device)
+        letter_ids = [tok.encode(x, bos=False) for x in cfg.option_letters]
+        if any(len(ids) != 1 for ids in letter_ids):
+            raise ValueError(f"option_letters={cfg.option_letters!r}: the option head needs each letter to be one token "
+                             f"of {cfg.llm}'s tokenizer")
+        llm = OptionHead(llm, [ids[0] for ids in letter_ids]).to(device)
     retriever = None
     if cfg.jmlr.objective != "none":
         retriever = load_retriever(cfg, device)
@@ -501,20 +559,22 @@ def prepare(cfg: TrainConfig, rank: int, world: int = 1,
 def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
     """Train cfg.jmlr.objective on `data` (train, validation, test examples; read from cfg's files
     when None) -> the final validation/test results."""
-    if cfg.autocast not in ("auto", "bf16", "off"):
-        raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0), "
-                         "'bf16' (on any device) or 'off'")
+    check_settings(cfg)
     rank, world, device = ci.setup_distributed(cfg.dist_timeout_minutes)
     train_set, val_set, test_set = data or prepare(cfg, rank, world, device)
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}"
                          f" x world size {world}")
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    for split, examples in (("training", train_set), ("validation", val_set), ("test", test_set)):
+        other = next((ex for ex in examples if cfg.option_head and not set(ex.options) <= set(cfg.option_letters)), None)
+        if other is not None:   # its target letter would be read as another option's
+            raise ValueError(f"a {split} question ({other.question[:60]!r}...) has options {''.join(other.options)}; "
+                             f"the option head scores {cfg.option_letters} only: set --option_letters")
     out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-        print(f"config: {json.dumps(asdict(cfg), default=str)}")
         print(f"{len(train_set):,} training questions, {len(val_set):,} validation, {len(test_set):,} test; "
               f"{world} rank(s) x {accum} accumulation step(s) x {cfg.micro_batch_size} = batch {cfg.batch_size}")
     model = build_model(cfg, device)
@@ -534,6 +594,8 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
     step = load_checkpoint(model, optimizer, cfg, rank) if cfg.resume else 0
     if step and rank == 0:
         print(f"resumed from step_{step:06d}")
+    elif cfg.resume and rank == 0:
+        print(f"--resume=True: no checkpoint in {out / 'checkpoints'} yet; starting at step 0")
     if step == 0:
         torch.manual_seed(cfg.seed * 1000 + rank)       # per-rank randomness (dropout); restored on resume
     params = [p for p in model.parameters() if p.requires_grad]
@@ -575,7 +637,7 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
             utilization = mfu(flops / (now - t_last), device)
             trained_last = model.tokens_trained * world
             eta = (now - t0) / (step - start_step) * (cfg.steps - step)
-            line = {"step": step, **{k: round(v, 4) for k, v in m.items()},
+            line = {"step": step, "elapsed_s": round(now - t0, 1), **{k: round(v, 4) for k, v in m.items()},
                     "lr_llm": cfg.lr_llm * lr_factor(step - 1, cfg),
                     "lr_retriever": cfg.lr_retriever * lr_factor(step - 1, cfg), "tokens_per_s": round(rate),
                     "mem_gb": round(memory_gb(device), 2), "grad_norm": round(norm.item(), 3),
@@ -590,7 +652,7 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
                 log.write(json.dumps(line) + "\n")
                 log.flush()
         if cfg.eval_every and step % cfg.eval_every == 0 and val_set and step < cfg.steps:
-            report(evaluate(wrapped, val_set, cfg, rank, world), "validation", step, cfg, rank, log)
+            report(evaluate(wrapped, val_set, cfg, rank, world), "validation", step, cfg, rank, log, time.time() - t0)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             save_checkpoint(model, optimizer, cfg, step, rank)
     results = {"validation": evaluate(wrapped, val_set, cfg, rank, world) if val_set else {},
@@ -598,7 +660,7 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
                "seconds": round(time.time() - t0, 1)}
     for split in ("validation", "test"):
         if results[split]:
-            report(results[split], split, step, cfg, rank, log)
+            report(results[split], split, step, cfg, rank, log, results["seconds"])
     if log:
         log.close()
     return results
@@ -621,11 +683,11 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # peak RSS, Linux reports KiB
 
 
-def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log):
+def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log, elapsed: float):
     if rank == 0:
         print(f"[{cfg.jmlr.objective}] {split} at step {step:,}: " +
               " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()), flush=True)
-        log.write(json.dumps({"step": step, "split": split, **result}) + "\n")
+        log.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 1), "split": split, **result}) + "\n")
         log.flush()
 
 
@@ -650,12 +712,44 @@ def compare(cfg: TrainConfig):
         (Path(cfg.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
 
 
+def config_lines(cfg, defaults, prefix: str = "") -> list[str]:
+    """`key = value` for every setting, nested configs dotted, ' *' where it differs from `defaults`."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += config_lines(value, default, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"  {prefix}{f.name} = {value!r}" + (" *" if value != default else ""))
+    return lines
+
+
+def check_out_dirs(cfg: TrainConfig):
+    """A new run never writes into an earlier run's directory (its checkpoints and log would be
+    overwritten or, by keep_last, deleted); --resume=True continues one, and is refused where a run
+    logged steps but left no checkpoint to continue from. Checked before any work."""
+    for objective in cfg.compare or (cfg.jmlr.objective,):
+        run = Path(cfg.out_dir) / objective if cfg.compare else Path(cfg.out_dir)
+        ckpts, log = run / "checkpoints", run / "log.jsonl"
+        used = log.is_file() or any(ckpts.glob("step_*"))
+        if used and not cfg.resume:
+            raise ValueError(f"{run}: holds an earlier run ({'log.jsonl' if log.is_file() else 'checkpoints'}); "
+                             "continue it with --resume=True, or give another --out_dir (nothing was changed)")
+        if used and cfg.resume and not (ckpts / "latest").is_file():
+            raise ValueError(f"{run}: --resume=True, but the run there saved no checkpoint (no {ckpts / 'latest'}); "
+                             "rerun without --resume in another --out_dir")
+
+
 def main(argv: list[str]):
     cfg = parse_args(argv)
     if cfg.dry_run:
         from costs import dry_run
         dry_run(cfg)
         return
+    check_out_dirs(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"config: * differs from TrainConfig's defaults; each run saves it all in its config.json\n"
+              + "\n".join(config_lines(cfg, TrainConfig())), flush=True)
     if cfg.compare:
         compare(cfg)
     else:

@@ -209,6 +209,9 @@ def test_option_head_points_at_the_option_the_answer_state_matches():
     assert target.tolist() == [2] and logits[0, 4] == -math.inf
     assert logits[0, :4].argmax().item() == 2
     assert head.sequence_loss(tokens, labels).item() < 0.1
+    tokens[0, -1] = 11                                           # an answer letter the head does not know (F)
+    with pytest.raises(ValueError, match="option_letters"):      # once read as A
+        head.option_logits(tokens, labels)
 
 
 def test_a_documents_loss_is_the_same_alone_and_beside_a_longer_one_with_s2attn():

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -27,14 +28,14 @@ SMALL = ["--demo_diseases=100", "--compare=()", "--curriculum=0.0", "--batch_siz
          "--warmup_steps=2", "--log_every=1", "--jmlr.num_sampled=4", "--eval_helpfulness=0"]
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """train.py in a fresh process (python, or torchrun with nproc ranks on gloo), one thread per rank."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(launcher + [str(ROOT / "train.py")] + args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -215,6 +216,8 @@ def test_collectives_receive_their_tensors_on_the_process_groups_device(monkeypa
 def test_resume_is_bitwise_and_survives_sigkill(tmp_path):
     args = SMALL + ["--steps=6", "--save_every=1", "--keep_last=2"]
     run_train(args + [f"--out_dir={tmp_path}/straight"])
+    assert sorted(d.name for d in (tmp_path / "straight" / "checkpoints").glob("step_*")) == \
+        ["step_000005", "step_000006"], "keep_last=2 keeps the newest two"
     # 1. 4 steps, resume, 2 more steps == 6 steps (a run that saved at 2, 4, 6, rolled back to 4)
     run_train(args + [f"--out_dir={tmp_path}/resumed", "--save_every=2"])
     ckpts = tmp_path / "resumed" / "checkpoints"
@@ -263,3 +266,24 @@ def test_non_finite_step_is_skipped_with_a_warning(tmp_path):
     proc = run_train(SMALL + ["--steps=3", "--lr_llm=1e30", f"--out_dir={tmp_path}/run"])
     assert "non-finite gradient norm" in proc.stderr and "step skipped" in proc.stderr
     assert all(torch.isfinite(t).all() for t in final_params(tmp_path / "run").values())
+
+
+def test_a_new_run_never_touches_an_earlier_runs_directory(tmp_path):
+    """A second run in a used out_dir (keep_last would count the first run's checkpoints and delete
+    the new one) is refused before any work, the earlier run left as it was; so is --resume=True
+    where a run logged steps but saved no checkpoint. Settings are checked before any work too."""
+    earlier = tmp_path / "run" / "checkpoints" / "step_000006"
+    earlier.mkdir(parents=True)
+    (tmp_path / "run" / "log.jsonl").write_text('{"step": 6}\n')
+    proc = run_train(SMALL + ["--steps=3", f"--out_dir={tmp_path}/run"], check=False)
+    assert proc.returncode != 0 and "holds an earlier run" in proc.stderr and "--resume=True" in proc.stderr
+    assert earlier.is_dir() and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "log.jsonl"]
+    shutil.rmtree(earlier)
+    proc = run_train(SMALL + ["--steps=3", f"--out_dir={tmp_path}/run", "--resume=True"], check=False)
+    assert proc.returncode != 0 and "saved no checkpoint" in proc.stderr
+    for bad, message in (("--lr_llm=1e999", "lr_llm=inf"), ("--lr_retriever=-1e-4", "lr_retriever=-0.0001"),
+                         ("--grad_clip=0.0", "grad_clip=0.0"), ("--keep_last=-1", "keep_last=-1"),
+                         ("--jmlr.max_doc_tokens=0", "jmlr.max_doc_tokens=0"), ("--jmlr.tau=0.0", "jmlr.tau=0.0"),
+                         ("--compare=('jmlr', 'rga')", "compare=")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.parse_args(SMALL + [bad])

@@ -368,6 +368,9 @@ class Index:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no index here; build one with `python colbert_index.py build`")
         self.manifest = m = read_manifest(path, ("num_docs", "shard_size", "num_shards", "complete"))
+        if m.get("format", 1) != 1:
+            raise ValueError(f"{path}: an index of format {m['format']!r}, not an exact one; open a compressed index "
+                             "with compressed_index.CompressedIndex (`python compressed_index.py search`)")
         if not m["complete"]:
             raise ValueError(f"{self.dir}: the index build did not finish; run the same "
                              "`python colbert_index.py build` command again to resume it")

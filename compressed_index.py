@@ -128,7 +128,7 @@ def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     """x (N, d) uint8 values < 2^b -> (N, d*b/8) uint8, 8/b values per byte, the first in the high bits."""
     per = 8 // bits
     N, d = x.shape
-    shifts = bits * torch.arange(per - 1, -1, -1, dtype=torch.int32)      # (per,): 8-b, ..., 0
+    shifts = bits * torch.arange(per - 1, -1, -1, dtype=torch.int32, device=x.device)   # (per,): 8-b, ..., 0
     return (x.view(N, d // per, per).int() << shifts).sum(-1).to(torch.uint8)
 
 
@@ -294,7 +294,9 @@ def build_compressed_index(model: ColBERT, corpus: str | Path, index_dir: str | 
     list_dtype = torch.int16 if shard_size <= 2 ** 15 else torch.int32   # document numbers within a shard
     for s in mine:
         tensors, ids = encode_shard(model, read_shard(corpus, starts[s], size(s)), batch_size)
-        codes, residuals = compress(codec, tensors.pop("embeddings"))      # (Ntok,), (Ntok, d*b/8)
+        E = tensors.pop("embeddings")                                      # (Ntok, d) fp16
+        parts = [compress(codec, E[a:a + (1 << 16)]) for a in range(0, E.size(0), 1 << 16)]   # bounded memory
+        codes, residuals = (torch.cat(x) for x in zip(*parts))             # (Ntok,), (Ntok, d*b/8)
         lists, list_offsets = inverted_lists(codes, tensors["offsets"], codec.centroids.size(0))
         tensors.update(codes=codes, residuals=residuals, lists=lists.to(list_dtype), list_offsets=list_offsets)
         meta = {"shard": json.dumps({"build": key, "number": s, "ids": ids})}   # what check_shard reads

@@ -264,8 +264,9 @@ def build_compressed_index(model: ColBERT, corpus: str | Path, index_dir: str | 
                          "index into a new directory, or delete this one to rebuild it")
     st = corpus.stat()
     if old and old["complete"] and all(shard_path(index_dir, s).is_file() for s in range(len(starts))):
+        key = compressed_key(made_of, old["codec_sha256"])
         for s in range(len(starts)):                                       # cheap: headers only
-            check_shard(shard_path(index_dir, s), s, compressed_key(made_of, old["codec_sha256"]), size(s), digests[s])
+            check_shard(shard_path(index_dir, s), s, key, size(s), digests[s])
         if rank == 0 and (old["corpus_bytes"], old["corpus_mtime_ns"]) != (st.st_size, st.st_mtime_ns):
             old = {**old, "corpus_bytes": st.st_size, "corpus_mtime_ns": st.st_mtime_ns}   # touched, not changed
             write_manifest(index_dir, old)
@@ -420,8 +421,8 @@ class CompressedIndex(Index):
                 E = decompress(codec, T["codes"][t].to(device), T["residuals"][t].to(device))   # (c, d)
                 sim = E @ Qt                                                  # (c, Nq*Lq)
                 best.scatter_reduce_(0, owner[a:a + chunk_tokens, None].expand_as(sim), sim, "amax")
-            scores = torch.where(q_mask.reshape(1, Nq, Lq), best.view(-1, Nq, Lq), 0.0).sum(-1).T   # (Nq, nc)
-            scores = scores.masked_fill(~candidate[:, docs].to(device), float("-inf"))
+            scores = torch.where(q_mask.reshape(1, Nq, Lq), best.view(docs.numel(), Nq, Lq), 0.0).sum(-1).T
+            scores = scores.masked_fill(~candidate[:, docs].to(device), float("-inf"))   # (Nq, nc)
             top_s = torch.cat([top_s, scores], dim=1)                         # (Nq, k + nc)   3.
             top_i = torch.cat([top_i, (first_doc + docs).to(device).expand(Nq, -1)], dim=1)
             top_s, pick = top_s.topk(min(k, top_s.size(1)), dim=1)

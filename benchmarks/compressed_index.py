@@ -194,8 +194,8 @@ def main():
                                                                   args.shard_size))
         index = CompressedIndex(work / f"c{b}")
         for nprobe in (n for n in nprobes if n <= index.codec.centroids.size(0)):
-            lat = [median_seconds(lambda n=n, ix=index, p=nprobe: ix.search(Q[:n], q_mask[:n], k10, nprobe=p), args.reps)
-                   for n in (1, 16)]
+            lat = [median_seconds(lambda n=n, ix=index, p=nprobe: ix.search(Q[:n], q_mask[:n], k10, nprobe=p),
+                                  args.reps) for n in (1, 16)]
             rec = [recall(top_ids(index, Q, q_mask, k, nprobe=nprobe), truth[k]) for k in (k10, k100)]
             rows.append(("compressed", f"{b} bits, K = {index.codec.centroids.size(0):,}", nprobe, 4 + d * b // 8,
                          dir_bytes(work / f"c{b}") / n_tok, build_s, *lat, *rec))

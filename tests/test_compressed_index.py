@@ -176,6 +176,9 @@ def test_small_nprobe_scores_few_documents_and_keeps_recall_at_10(built):
     assert recall >= 0.9, f"recall@10 vs exact {recall:.3f} at nprobe={nprobe}"
     s1, i1 = index.search(Q[:1], qm[:1], k=80, nprobe=1)                 # fewer candidates than k: -inf and -1
     assert s1.shape == (1, 80) and i1[0, -1] == -1 and s1[0, -1] == float("-inf")
+    s0, i0 = index.search(Q[:2], torch.tensor([[True] * 8, [False] * 8]), k=5, nprobe=1)   # no token: no candidate
+    assert (i0[1] == -1).all() and (s0[1] == float("-inf")).all() and (i0[0] >= 0).all()
+    assert (index.search(Q[:1], torch.zeros(1, 8, dtype=torch.bool), k=5, nprobe=1)[1] == -1).all()   # no shard has any
 
 
 # ----------------------------------------------------------------------------------------------

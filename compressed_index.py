@@ -6,20 +6,19 @@ residual to that centroid, quantized to b bits per dimension:
 
     e  ~  normalize(C[code] + w[bucket])     bucket = number of cutoffs below each residual value
 
-Centroids C come from k-means over a seeded sample of the corpus's token embeddings; the bucket
-cutoffs are the quantiles 1/2^b, ..., (2^b - 1)/2^b of the sample's residual values (all dimensions
-pooled), and the bucket weights w their quantiles (i + 1/2)/2^b, the midpoints of each bucket. At
-b = 2 and d = 128 a token is a 4-byte id and 32 bytes of packed residual: 36 bytes.
+Centroids C: k-means over a seeded sample of the corpus's token embeddings. Bucket cutoffs: the
+quantiles 1/2^b, ..., (2^b - 1)/2^b of held-out residual values (all dimensions pooled); weights w:
+their quantiles (i + 1/2)/2^b, each bucket's median. At b = 2 and d = 128 a token is a 4-byte id
+and 32 bytes of packed residual: 36 bytes.
 
 Search (ColBERTv2's candidate generation, then exact re-ranking): each query token probes its
 `nprobe` nearest centroids; the documents on those centroids' inverted lists are the candidates,
-and they alone are decompressed and scored by exact MaxSim. nprobe = every centroid scores every
-document: the exact index's ranking, up to the quantization.
+and only they are decompressed and scored by exact MaxSim. With nprobe = K every document is
+scored: the exact index's ranking, up to the quantization.
 
 The build reuses colbert_index.py's corpus reading, encoding, manifest, shard checks, atomic
-writes and resume: shards are written one at a time, each depending only on its documents and the
-codec, so a killed build resumes to the same bytes. Search maps each shard into memory and reads
-only the pages of its candidates. Not byte-compatible with ColBERTv2's files.
+writes and resume: a killed build resumes to the same bytes. Search maps each shard into memory and
+reads only its candidates' pages. The files are not byte-compatible with ColBERTv2's.
 
 Shape legend:
     Nq queries   Lq query tokens   d embedding dim   K centroids   b bits per residual dimension
@@ -141,16 +140,16 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def fit_codec(E: torch.Tensor, bits: int, k: int, iters: int = 4, seed: int = 0) -> Codec:
     """Sample embeddings E (N, d), unit rows -> a Codec. k-means on 95% of the rows (seeded); the
-    buckets from the residuals of the other 5%, which k-means did not fit (ColBERTv2's held-out split)."""
+    buckets from the residuals of the other 5% (at most 50,000), which k-means did not fit."""
     check_bits(bits, E.size(1))
     E = E.float()
     order = torch.randperm(E.size(0), generator=torch.Generator().manual_seed(seed + 1))
-    n_out = max(1, E.size(0) // 20)
-    held_out, train = E[order[:n_out]], E[order[n_out:]]                   # (N/20, d), (19N/20, d)
+    n_out = max(1, min(E.size(0) // 20, 50_000))                           # ColBERTv2: 5%, at most 50,000
+    held_out, train = E[order[:n_out]], E[order[n_out:]]                   # (N_out, d), (N - N_out, d)
     if not 1 <= k <= train.size(0):
         raise ValueError(f"k={k} centroids from {train.size(0)} sample tokens; use 1 <= k <= {train.size(0)}")
     C = kmeans(train, k, iters, seed)                                      # (K, d)
-    residuals = held_out - C[nearest_centroid(held_out, C)]                # (N/20, d)
+    residuals = held_out - C[nearest_centroid(held_out, C)]                # (N_out, d)
     cutoffs, weights = bucket_cutoffs_and_weights(residuals, bits)
     return Codec(C, cutoffs, weights)
 
@@ -272,9 +271,11 @@ def build_compressed_index(model: ColBERT, corpus: str | Path, index_dir: str | 
             write_manifest(index_dir, old)
         return old
     if rank == 0 and not codec_path.is_file():                             # 2.
+        print(f"codec: encoding a sample of {sample_size(n_docs, cfg):,} documents", file=sys.stderr, flush=True)
         sample = sample_embeddings(model, corpus, starts, n_docs, shard_size, cfg, batch_size)   # (N, d)
         n_tok = sample.size(0) * n_docs / sample_size(n_docs, cfg)        # the corpus's tokens, estimated
         k = cfg.centroids or min(2 ** int(math.log2(16 * math.sqrt(n_tok))), max(1, sample.size(0) // 32))
+        print(f"codec: k-means, {k:,} centroids over {sample.size(0):,} tokens", file=sys.stderr, flush=True)
         codec = fit_codec(sample, cfg.bits, k, cfg.kmeans_iters, cfg.seed)
         index_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(codec_path, lambda p: save_file(asdict(codec), p, metadata={"build": compressed_key(made_of)}))

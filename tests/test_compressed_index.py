@@ -139,7 +139,7 @@ def test_bad_codec_settings_are_refused():
 # Search
 
 def test_every_centroid_probed_is_exact_maxsim_over_the_decompressed_embeddings(built):
-    enc, corpus, root = built
+    enc, _, root = built
     index, exact = CompressedIndex(root / "c4"), Index(root / "exact")
     assert index.ids == exact.ids == [f"doc{j}" for j in range(80)] and index.text(5) == "doc 5"
     Q, qm = enc.queries(list(range(0, 80, 7)))
@@ -158,7 +158,7 @@ def test_every_centroid_probed_is_exact_maxsim_over_the_decompressed_embeddings(
 
 
 def test_small_nprobe_scores_few_documents_and_keeps_recall_at_10(built):
-    enc, corpus, root = built
+    enc, _, root = built
     index, exact = CompressedIndex(root / "c4"), Index(root / "exact")
     Q, qm = enc.queries(list(range(80)))
     nprobe, C = 1, index.codec.centroids

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import compressed_index
-from colbert_index import Index, build_index
+from colbert_index import Index, build_index, read_candidates, write_candidates
 from compressed_index import (CodecConfig, CompressedIndex, bucket_cutoffs_and_weights, build_compressed_index,
                               compress, decompress, fit_codec, map_tensors, pack_bits, unpack_bits)
 from retriever import BertConfig, ColBERT, ColBERTConfig, load_wordpiece, maxsim
@@ -46,6 +46,9 @@ class SyntheticEncoder:
         L = max(e.size(0) for e in embs)
         D = torch.stack([F.pad(e, (0, 0, 0, L - e.size(0))) for e in embs])        # (B, L, d)
         return D, torch.arange(L) < torch.tensor([e.size(0) for e in embs])[:, None]   # mask (B, L)
+
+    def encode_queries(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.queries([int(t.split()[-1]) for t in texts])
 
     def queries(self, docs: list[int], Lq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         """One query per document: Lq of its tokens, perturbed -> Q (Nq, Lq, d), mask (Nq, Lq)."""
@@ -179,6 +182,22 @@ def test_small_nprobe_scores_few_documents_and_keeps_recall_at_10(built):
     s0, i0 = index.search(Q[:2], torch.tensor([[True] * 8, [False] * 8]), k=5, nprobe=1)   # no token: no candidate
     assert (i0[1] == -1).all() and (s0[1] == float("-inf")).all() and (i0[0] >= 0).all()
     assert (index.search(Q[:1], torch.zeros(1, 8, dtype=torch.bool), k=5, nprobe=1)[1] == -1).all()   # no shard has any
+
+
+def test_candidate_lists_from_a_compressed_index(built):
+    """write_candidates takes either index; a list the probes cannot fill is refused, not padded with -1."""
+    enc, _, root = built
+    qa = root / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": f"q{j}", "question": f"doc {j}", "options": ["yes", "no"], "answer": "A"})
+                          + "\n" for j in (3, 40, 77)))
+    index = CompressedIndex(root / "c4")
+    write_candidates(enc, index, qa, root / "cands.jsonl", n=5)
+    lists = read_candidates(root / "cands.jsonl")
+    _, i = index.search(*enc.queries([3, 40, 77]), k=5)
+    assert lists == {f"q{j}": [f"doc{d}" for d in row] for j, row in zip((3, 40, 77), i.tolist())}
+    assert [docs[0] for docs in lists.values()] == ["doc3", "doc40", "doc77"]
+    with pytest.raises(ValueError, match="qa.jsonl: the compressed index found fewer than n=80 candidates"):
+        write_candidates(enc, index, qa, root / "cands.jsonl", n=80)
 
 
 # ----------------------------------------------------------------------------------------------

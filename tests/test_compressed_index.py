@@ -58,8 +58,8 @@ class SyntheticEncoder:
         return Q, torch.ones(Q.shape[:2], dtype=torch.bool)
 
 
-def write_corpus(path, n: int, first: int = 0):
-    path.write_text("".join(json.dumps({"id": f"doc{j}", "contents": f"doc {j}"}) + "\n" for j in range(first, n)))
+def write_corpus(path, n: int):
+    path.write_text("".join(json.dumps({"id": f"doc{j}", "contents": f"doc {j}"}) + "\n" for j in range(n)))
     return path
 
 
@@ -166,8 +166,8 @@ def test_small_nprobe_scores_few_documents_and_keeps_recall_at_10(built):
     Q, qm = enc.queries(list(range(80)))
     nprobe, C = 1, index.codec.centroids
     probed = (Q @ C.T).topk(nprobe, dim=-1).indices.flatten(1)          # (Nq, Lq*P), from the codes, not the lists
-    codes = [map_tensors(p) for p in index.shards]
-    doc_codes = [set(t["codes"][a:b].tolist()) for t in codes for a, b in zip(t["offsets"][:-1], t["offsets"][1:])]
+    shards = [map_tensors(p) for p in index.shards]
+    doc_codes = [set(t["codes"][a:b].tolist()) for t in shards for a, b in zip(t["offsets"][:-1], t["offsets"][1:])]
     candidates = [{d for d, cs in enumerate(doc_codes) if cs & set(row.tolist())} for row in probed]
     assert sum(map(len, candidates)) / (80 * 80) < 0.35, "nprobe=1 should leave most documents unscored"   # 0.28
     s, i = index.search(Q, qm, k=10, nprobe=nprobe)

@@ -262,6 +262,10 @@ def test_another_encoder_corpus_or_build_is_refused(built):
     (root / "c4" / "codec.safetensors").write_bytes((root / "c2" / "codec.safetensors").read_bytes())
     with pytest.raises(ValueError, match="codec.safetensors: missing, or not the codec"):
         CompressedIndex(root / "c4")
+    (root / "fresh").mkdir()                                            # a codec file left by another build
+    (root / "fresh" / "codec.safetensors").write_bytes((root / "c2" / "codec.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="fresh/codec.safetensors: written by another build"):
+        build_compressed_index(enc, corpus, root / "fresh", cfg, shard_size=16)
     write_corpus(corpus, 81)                                            # the corpus edited in place
     with pytest.raises(ValueError, match="corpus.jsonl: changed since"):
         CompressedIndex(root / "c2")

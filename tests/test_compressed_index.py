@@ -273,6 +273,29 @@ def test_another_encoder_corpus_or_build_is_refused(built):
         build_compressed_index(enc, corpus, root / "c2", CodecConfig(bits=2, centroids=24), shard_size=16)
 
 
+def build_as_rank(rank: int, world: int, init_file: str, corpus, index_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)                                            # a forked child: no OpenMP pool reuse
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    build_compressed_index(SyntheticEncoder(), corpus, index_dir, CodecConfig(bits=4, centroids=24), shard_size=16,
+                           batch_size=8, rank=rank, world=world)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_build_the_bytes_of_one_process(built):
+    """Rank 0 fits the codec, each rank compresses its shards (s % 2): the same files as one process.
+    The ranks are forked (no re-import, so this takes about a second), with a gloo process group."""
+    _, corpus, root = built
+    ctx = torch.multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=build_as_rank, args=(r, 2, str(root / "init"), corpus, root / "two")) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=60)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    same_files(root / "c4", root / "two")
+
+
 def test_build_with_a_real_bert_finds_each_document_from_its_own_text(tmp_path):
     words = "the of and a in to is was for with patients disease treatment drug heart lung blood cancer".split()
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]",

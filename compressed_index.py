@@ -86,10 +86,11 @@ def check_bits(bits: int, dim: int):
         raise ValueError(f"dim={dim}: bits={bits} packs {8 // bits} dimensions per byte; use a dim divisible by it")
 
 
-def nearest_centroid(E: torch.Tensor, C: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+def nearest_centroid(E: torch.Tensor, C: torch.Tensor, max_scores: int = 1 << 22) -> torch.Tensor:
     """E (N, d), C (K, d), unit rows -> (N,) int64, the centroid of largest dot product (= nearest).
-    Chunked: (chunk, K) scores at a time, not (N, K)."""
-    return torch.cat([(E[a:a + chunk] @ C.T).argmax(1) for a in range(0, E.size(0), chunk)])
+    Chunked: at most max_scores (16 MiB of fp32) dot products at a time, not N x K."""
+    rows = max(1, max_scores // C.size(0))
+    return torch.cat([(E[a:a + rows] @ C.T).argmax(1) for a in range(0, E.size(0), rows)])
 
 
 def kmeans(E: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:

@@ -368,6 +368,9 @@ class Index:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no index here; build one with `python colbert_index.py build`")
         self.manifest = m = read_manifest(path, ("num_docs", "shard_size", "num_shards", "complete"))
+        if m.get("format", 1) != 1:
+            raise ValueError(f"{path}: an index of format {m['format']!r}, not an exact one; open a compressed index "
+                             "with compressed_index.CompressedIndex (`python compressed_index.py search`)")
         if not m["complete"]:
             raise ValueError(f"{self.dir}: the index build did not finish; run the same "
                              "`python colbert_index.py build` command again to resume it")
@@ -482,6 +485,9 @@ def write_candidates(model: ColBERT, index: Index, qa_file: str | Path, out: str
         with torch.no_grad():
             Q, q_mask = model.encode_queries([q for _, q in batch])
         scores, docs = index.search(Q, q_mask, n)
+        if (docs < 0).any():                                           # compressed_index: too few candidates
+            raise ValueError(f"{qa_file}: the compressed index found fewer than n={n} candidates for a question "
+                             "at its default nprobe; lower n, or write the lists from the exact index")
         for i, ((qid, q), s, dd) in enumerate(zip(batch, scores.tolist(), docs.tolist())):
             mine.append((a + i, json.dumps({"id": qid, "question": q, "doc_ids": [index.ids[j] for j in dd],
                                             "scores": [round(x, 4) for x in s]})))

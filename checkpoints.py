@@ -140,6 +140,19 @@ def load_optimizer_state(path: Path) -> dict:
                          "checkpoints/latest) or start a new out_dir") from None
 
 
+# Settings a resumed run may change without changing what it trains (others: train.py's resume_changes)
+RESUME_MAY_CHANGE = {"resume", "resume_changes", "out_dir", "log_every", "eval_every", "eval_batch_size",
+                     "eval_helpfulness", "save_every", "keep_last", "dist_timeout_minutes", "jmlr.max_pass_tokens"}
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """{"jmlr": {"tau": 1.0}} -> {"jmlr.tau": 1.0}."""
+    out = {}
+    for k, v in config.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def load_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", rank: int) -> int:
     """Restore the last complete checkpoint into a freshly built model -> the step to continue
     from (0 when there is none). Frozen weights come from the same sources as at the start."""
@@ -158,10 +171,13 @@ def load_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", rank: int) -> in
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(saved.get("step"), int):
         raise ValueError(f"{ckpt / 'state.json'}: expected {{step, config, ...}} as save_checkpoint writes it; "
                          "resume from an earlier checkpoint or start a new out_dir")
-    for key in ("steps", "batch_size", "seed", "jmlr"):
-        if saved["config"].get(key) != json.loads(json.dumps(asdict(cfg)[key])):
-            raise ValueError(f"{ckpt}: saved with {key}={saved['config'].get(key)!r}, now {asdict(cfg)[key]!r}; "
-                             "resume with the same settings or use a new out_dir")
+    now, then = flat(json.loads(json.dumps(asdict(cfg), default=str))), flat(saved["config"])
+    changed = [k for k in sorted(now.keys() | then.keys())
+               if now.get(k) != then.get(k) and k not in RESUME_MAY_CHANGE and k not in getattr(cfg, "resume_changes", ())]
+    if changed:
+        diffs = "; ".join(f"{k}: saved {then.get(k)!r}, now {now.get(k)!r}" for k in changed[:4])
+        raise ValueError(f"{ckpt}: the settings differ from the ones it was saved with ({diffs}); resume with the "
+                         f"same settings, or name the intended changes: --resume_changes={tuple(changed)!r}")
     opts = StateDictOptions(full_state_dict=True, strict=False)
     trainable, optim = read_trainable(ckpt, model), load_optimizer_state(ckpt / "optimizer.pt")   # both checked first
     set_model_state_dict(model, trainable, options=opts)

@@ -97,6 +97,7 @@ class TrainConfig:
     save_every: int = 0              # 0: save at the end only
     keep_last: int = 2
     resume: bool = False
+    resume_changes: tuple = ()       # settings a resumed run may change (others are refused): ("steps", "lr_llm")
 
 
 DEMO = dict(compare=("none", "rag", "jmlr"), option_head=True, freeze_embeddings=True, steps=1500,

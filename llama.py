@@ -31,6 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
+import cli
+
 
 @dataclass
 class LlamaConfig:
@@ -585,12 +587,12 @@ class Tokenizer:
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    rank: int = 8                    # r: A is (r, in), B is (out, r)
+    alpha: float = 16.0              # the update is scaled by alpha / r
+    dropout: float = 0.05            # on the adapters' input, in training
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")   # any Linear name, incl. lm_head
     train_embeddings: bool = False   # LongLoRA: embeddings and norms trainable too, for long contexts
-    train_norms: bool = False
+    train_norms: bool = False        # the RMSNorm weights
 
 
 class LoRALinear(nn.Linear):
@@ -689,4 +691,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

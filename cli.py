@@ -1,8 +1,8 @@
 """cli.py: how the command lines of this repository meet their user: help, errors, exit statuses.
 
 Every command line (train.py, eval.py, colbert_index.py, retriever.py, llama.py, qa_data.py, costs.py,
-make_assignment.py, grade.py) answers -h and --help with its usage and settings (exit 0), and ends
-with `run(main)`, which turns what went wrong into what a user needs:
+demo.py, s2attn_kernel.py, make_assignment.py, grade.py) answers -h and --help with its usage and
+settings (exit 0), and ends with `run(main)`, which turns what went wrong into what a user needs:
 
     a mistake in the input    one line on stderr, `program: what is wrong; what to do`, exit 2 (as
                               argparse's own errors): the message the code raised, which names the

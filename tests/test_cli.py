@@ -46,6 +46,8 @@ def config_fields(path: str, cls: str) -> list[str]:
     (["qa_data.py", "--help"], ["path", "--format", "pubmedqa"]),
     (["make_assignment.py", "--help"], ["--out", "--only", "--list"]),
     (["grade.py", "-h"], ["paths", "--only", "--json"]),
+    (["demo.py", "--help"], ["out", "--seed", "--diseases", "default 2000"]),
+    (["s2attn_kernel.py", "-h"], ["--compile", "--head-dims"]),
 ])
 def test_help_exits_0_and_names_the_settings(args, expected):
     proc = run_cli(*args)
@@ -78,6 +80,7 @@ def test_train_help_lists_every_field_with_its_default():
     (["qa_data.py", "tests"], "qa_data.py: tests: Is a directory"),
     (["qa_data.py", "README.md", "--format", "generic"], "qa_data.py: README.md:1: not valid JSON"),
     (["grade.py", "missing_dir"], "grade.py: missing_dir: neither a student copy"),
+    (["demo.py", "README.md/data"], "demo.py: README.md/data: Not a directory"),
 ])
 def test_a_bad_input_is_one_line_and_exit_2(args, message):
     proc = run_cli(*args)

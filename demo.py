@@ -21,6 +21,7 @@ import torch.nn as nn
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+import cli
 import retriever as rt
 from llama import Llama, LlamaConfig, atomic_write
 
@@ -157,10 +158,12 @@ def make_demo_models(llm_dir: Path, retriever_dir: Path, words: list[str], seed:
 
 def main():
     p = argparse.ArgumentParser(description="Write the built-in demo's data and tiny models")
-    p.add_argument("out"), p.add_argument("--seed", type=int, default=0), p.add_argument("--diseases", type=int, default=2000)
+    p.add_argument("out", help="the directory to write (QA files, corpus, candidate lists, models)")
+    p.add_argument("--seed", type=int, default=0, help="of the invented knowledge base (default %(default)s)")
+    p.add_argument("--diseases", type=int, default=2000, help="size of the knowledge base (default %(default)s)")
     args = p.parse_args()
     print(json.dumps(make_demo(Path(args.out), args.seed, args.diseases), indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

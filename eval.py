@@ -64,6 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import cli
 import colbert_index as ci
 import retriever as rt
 from eval_tables import contamination_report, help_reports, results_table, subject_table, sweep_table
@@ -752,4 +753,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

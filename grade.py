@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cli
 from make_assignment import COURSE, HARDER, Region, find_regions, harder_texts, repository_files
 
 ROOT = Path(__file__).resolve().parent
@@ -227,10 +228,7 @@ def main(argv: list[str]) -> int:
     if unknown:
         p.error(f"unknown assignment(s) {', '.join(unknown)}; known: {', '.join(known)}")
     names = [n for n in known if args.only is None or n in args.only]
-    try:
-        subs = find_submissions(args.paths)
-    except ValueError as e:
-        p.error(str(e))
+    subs = find_submissions(args.paths)
     harder = [n for n in names if n in HARDER] if args.harder else None
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(lambda s: grade(s, names, harder, args.timeout), subs))
@@ -242,4 +240,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli.run(main, sys.argv[1:])

@@ -31,6 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
+import cli
+
 
 @dataclass
 class LlamaConfig:
@@ -585,12 +587,12 @@ class Tokenizer:
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    rank: int = 8                    # r: A is (r, in), B is (out, r)
+    alpha: float = 16.0              # the update is scaled by alpha / r
+    dropout: float = 0.05            # on the adapters' input, in training
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")   # any Linear name, incl. lm_head
     train_embeddings: bool = False   # LongLoRA: embeddings and norms trainable too, for long contexts
-    train_norms: bool = False
+    train_norms: bool = False        # the RMSNorm weights
 
 
 class LoRALinear(nn.Linear):
@@ -658,12 +660,14 @@ def merge_lora(model: Llama) -> Llama:
 def main():
     p = argparse.ArgumentParser(description="Generate text with llama.py")
     p.add_argument("ckpt_dir", nargs="?", help="HF-format Llama directory; omit for a tiny random model")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt", default="The capital of France is", help="the text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.9, help="sampling: the smallest set of tokens whose probabilities "
+                   "sum to this (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="of the sampler and of the tiny model (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute (default %(default)s)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -689,4 +693,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -39,6 +39,8 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
+
 START = re.compile(r"# assignment: (?P<name>[a-z][a-z0-9_]*): (?P<hint>\S.*?)\s*$")
 END = re.compile(r"# end assignment: (?P<name>[a-z][a-z0-9_]*)\s*$")
 LOOKS_LIKE_A_MARKER = re.compile(r"#\s*(end\s+)?assignment\s*:")   # must then parse as START or END
@@ -337,19 +339,16 @@ def main(argv: list[str]):
     p.add_argument("--list", action="store_true", help="print the assignments by difficulty, then exit")
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parent
-    try:
-        if args.list:
-            regions = find_regions(root)
-            order = [a.name for a in COURSE] + sorted({r.name for r in regions} - {a.name for a in COURSE})
-            minutes = {a.name: a.minutes for a in COURSE}
-            for r in sorted(regions, key=lambda r: order.index(r.name)):
-                print(f"{r.name:<15} {minutes.get(r.name, '?') + ' min':<22} {f'{r.path}:{r.start}':<22} {r.hint}")
-            return
-        if args.out is None:
-            p.error("--out DIR is required (or --list)")
-        chosen = make_copy(root, args.out, args.only, args.harder)
-    except ValueError as e:
-        sys.exit(f"make_assignment.py: {e}")
+    if args.list:
+        regions = find_regions(root)
+        order = [a.name for a in COURSE] + sorted({r.name for r in regions} - {a.name for a in COURSE})
+        minutes = {a.name: a.minutes for a in COURSE}
+        for r in sorted(regions, key=lambda r: order.index(r.name)):
+            print(f"{r.name:<15} {minutes.get(r.name, '?') + ' min':<22} {f'{r.path}:{r.start}':<22} {r.hint}")
+        return
+    if args.out is None:
+        p.error("--out DIR is required (or --list)")
+    chosen = make_copy(root, args.out, args.only, args.harder)      # a refusal: one line, exit 2 (cli.run)
     names = sorted({r.name for r in chosen})
     print(f"{args.out}: {len(chosen)} function bod{'y' if len(chosen) == 1 else 'ies'} blank, assignments {', '.join(names)}")
     print(f"students start with {args.out}/ASSIGNMENTS.md; grade a copy with: python grade.py {args.out}"
@@ -357,4 +356,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
+
 
 @dataclass
 class QARecord:
@@ -263,7 +265,8 @@ def read_qa(path: str | Path, fmt: str | None = None) -> list[QARecord]:
 
 def main():
     p = argparse.ArgumentParser(description="Read a medical QA file and show what was read")
-    p.add_argument("path"), p.add_argument("--format", choices=QA_FORMATS, default=None)
+    p.add_argument("path", help="MedQA/Amboss or MedMCQA jsonl, MMLU csv, PubMedQA json, or generic jsonl")
+    p.add_argument("--format", choices=QA_FORMATS, default=None, help="default: detected from the file")
     args = p.parse_args()
     records = read_qa(args.path, args.format)
     print(f"{args.path}: {len(records):,} questions ({args.format or detect_qa_format(args.path)}); the first:")
@@ -271,4 +274,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

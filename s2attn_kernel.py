@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+import cli
+
 # Decided once, at import, because @triton.jit decides then too: under the interpreter the kernels
 # run on CPU tensors with numpy, which needs help with bf16 (see `_round_to`).
 INTERPRET = bool(triton.knobs.runtime.interpret)   # TRITON_INTERPRET=1 (or true, on, ...)
@@ -697,7 +699,7 @@ def main():
     p = argparse.ArgumentParser(description="S2-Attn Triton kernel: demo, or compile for sm_80/sm_90")
     p.add_argument("--compile", action="store_true",
                    help="compile for sm_80 and sm_90 (bf16) and print registers, spills and shared memory")
-    p.add_argument("--head-dims", default="64,128", help="with --compile: comma-separated head dims")
+    p.add_argument("--head-dims", default="64,128", help="with --compile: comma-separated head dims (default %(default)s)")
     args = p.parse_args()
     if args.compile:   # bf16, as launched for B=1, H=32, Hkv=8, T=4096, G=1024
         print(f"{'kernel':<21} {'arch':<5} {'D':>3} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'regs':>5} "
@@ -728,4 +730,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

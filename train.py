@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import cli
 import colbert_index as ci
 import retriever as rt
 from checkpoints import load_checkpoint, save_checkpoint
@@ -155,13 +156,34 @@ def apply_overrides(cfg, overrides: dict, where: str = ""):
         setattr(cfg, head, value)
 
 
+def usage(preset: str) -> str:
+    """train.py --help: the presets, and every setting with its default, its comment from the source
+    and, where the preset changes it, the preset's value."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    chosen = TrainConfig()
+    apply_overrides(chosen, PRESETS[preset])
+    return "\n".join([
+        "usage: python train.py [--preset=NAME] [--key=value ...]   (several ranks: torchrun --nproc_per_node=N "
+        "train.py ...)", "", __doc__.splitlines()[0], "",
+        'Values are Python literals (3, 1e-4, True, "a", (1, 2)), checked against the setting\'s type; bare words '
+        "are strings;", "nested settings take a dot (--jmlr.top_k=5). --dry_run=True prints the costs of a config "
+        "(python costs.py --help).", f"presets: {', '.join(PRESETS)} (demo is the default);", f"[{preset}: value] marks what "
+        f"--preset={preset} changes (--preset=NAME --help shows another preset's).",
+        "", "settings (TrainConfig in train.py) and their defaults:", *cli.settings_help(TrainConfig(), chosen, preset)])
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
     """`--preset=NAME` first (default: the demo), then every `--key=value` in order. Values are
-    Python literals (ast.literal_eval: 3, 1e-4, True, "a", (1, 2)); bare words are strings."""
+    Python literals (ast.literal_eval: 3, 1e-4, True, "a", (1, 2)); bare words are strings.
+    -h or --help prints usage(preset) and exits, as argparse does."""
+    if "-h" in argv or "--help" in argv:
+        print(usage(([a.split("=", 1)[1] for a in argv if a.startswith("--preset=")] or ["demo"])[-1]))
+        sys.exit(0)
     pairs = []
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"argument {arg!r}: use --key=value (see TrainConfig in train.py)")
+            raise ValueError(f"argument {arg!r}: use --key=value (python train.py --help lists the settings)")
         key, raw = arg[2:].split("=", 1)
         try:
             value = ast.literal_eval(raw)
@@ -557,7 +579,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int = 1,
     return load(cfg.train_file), load(cfg.val_file), load(cfg.test_file)
 
 
-def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
+def train(cfg: TrainConfig, data: tuple | None = None, progress: dict | None = None) -> dict:
     """Train cfg.jmlr.objective on `data` (train, validation, test examples; read from cfg's files
     when None) -> the final validation/test results."""
     check_settings(cfg)
@@ -605,6 +627,8 @@ def train(cfg: TrainConfig, data: tuple | None = None) -> dict:
     n_llm = sum(p.numel() for p in model.llm.parameters())
     history = []
     while step < cfg.steps:
+        if progress is not None:                    # main's: for its message after Ctrl-C
+            progress.update(cfg=cfg, step=step)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         warming_up = step < warmup_steps            # the curriculum: confident questions, no retriever loss
@@ -692,7 +716,7 @@ def report(result: dict, split: str, step: int, cfg: TrainConfig, rank: int, log
         log.flush()
 
 
-def compare(cfg: TrainConfig):
+def compare(cfg: TrainConfig, progress: dict | None = None):
     """Train every objective of cfg.compare with otherwise equal settings; print a table."""
     rank, world, device = ci.setup_distributed(cfg.dist_timeout_minutes)
     data = prepare(cfg, rank, world, device)              # read once: the same data and candidates for every row
@@ -700,7 +724,9 @@ def compare(cfg: TrainConfig):
     for objective in cfg.compare:          # the same seeds and steps for every row
         run = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / objective), compare=(),
                                   jmlr=dataclasses.replace(cfg.jmlr, objective=objective))
-        results[objective] = train(run, data)
+        if progress is not None:
+            progress.update(cfg=run, step=None)          # main's message after Ctrl-C: this row, not started
+        results[objective] = train(run, data, progress)
     if int(os.environ.get("RANK", 0)) == 0:
         k = cfg.jmlr.top_k
         times = "; ".join(f"{o} {r['seconds']:.0f} s" for o, r in results.items())
@@ -741,6 +767,18 @@ def check_out_dirs(cfg: TrainConfig):
                              "rerun without --resume in another --out_dir")
 
 
+def stopped_at(progress: dict) -> str:
+    """After Ctrl-C: the steps done and where `--resume=True` continues, the checkpoint that
+    out_dir/checkpoints/latest names (as load_checkpoint reads it), when it is complete."""
+    cfg, step = progress["cfg"], progress["step"]
+    root = Path(cfg.out_dir) / "checkpoints"
+    latest = root / (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    resume = (f"rerun with --resume=True to continue from {latest}" if latest and (latest / "state.json").is_file()
+              else "no checkpoint yet: a rerun starts from step 0")
+    where = "before the first training step" if step is None else f"in step {step + 1:,} of {cfg.steps:,}"
+    return f"interrupted {where} ({cfg.jmlr.objective} in {cfg.out_dir}); {resume}"
+
+
 def main(argv: list[str]):
     cfg = parse_args(argv)
     if cfg.dry_run:
@@ -751,14 +789,18 @@ def main(argv: list[str]):
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"config: * differs from TrainConfig's defaults; each run saves it all in its config.json\n"
               + "\n".join(config_lines(cfg, TrainConfig())), flush=True)
-    if cfg.compare:
-        compare(cfg)
-    else:
-        train(cfg)
+    progress = {"cfg": cfg, "step": None}   # train() keeps it current: which run, how many steps done
+    try:
+        if cfg.compare:
+            compare(cfg, progress)
+        else:
+            train(cfg, progress=progress)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(stopped_at(progress)) from None   # cli.run prints it, exit 130
     if dist.is_initialized():   # an orderly exit: a rank leaving gloo early aborts the others
         dist.barrier()
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import cli
 from colbert_index import (BUILD_KEYS, REBUILD, Index, at_least_1, barrier, check_ranks, check_shard, encode_shard,
                            file_sha256, read_manifest, read_shard, setup_distributed, shard_path, shard_starts,
                            write_manifest)
@@ -486,4 +487,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

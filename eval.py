@@ -71,7 +71,8 @@ from eval_tables import contamination_report, help_reports, results_table, subje
 from jmlr import JMLR, Example, JMLRConfig, OptionHead, format_target, gold_index, gold_ranks, helpfulness, tokenize_example
 from llama import Llama, Tokenizer, atomic_write
 from qa_data import QA_FORMATS, QARecord, pubmedqa_corpus, read_qa
-from train import read_candidates, resolve_retriever
+from colbert_index import read_candidates
+from train import resolve_retriever
 
 Z95 = 1.959964   # the standard normal's 97.5% quantile
 SCORES = ("letter", "sum", "mean")                                        # likelihood's scoring rules (docstring)

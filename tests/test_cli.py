@@ -59,7 +59,7 @@ def test_help_exits_0_and_names_the_settings(args, expected):
 
 def test_train_help_lists_every_field_with_its_default():
     out = run_cli("train.py", "--help").stdout
-    for path, cls, prefix in [("train.py", "TrainConfig", ""), ("jmlr.py", "JMLRConfig", "jmlr."),
+    for path, cls, prefix in [("train_config.py", "TrainConfig", ""), ("jmlr.py", "JMLRConfig", "jmlr."),
                               ("llama.py", "LoraConfig", "lora.")]:
         for name in config_fields(path, cls):
             if name not in ("jmlr", "lora"):

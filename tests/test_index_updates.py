@@ -1,0 +1,230 @@
+"""index_updates.py and search shared by ranks: documents added to a built index, documents removed.
+
+An exact index of 48 documents with 32 added equals, bit for bit, one built from all 80 at once
+(same ids, same scores), and each document's text comes from its own file; a compressed index with
+the same addition, every centroid probed, is exact MaxSim over the 80 documents compressed with the
+codec fitted on the first 48. A killed add is left out of the search and resumes to the bytes of
+an uninterrupted one; another encoder, an id already in the index, or a second corpus while one is
+unfinished is refused naming the file. A removed document is never returned, neither by search
+(the ranking of an index built without it) nor in candidate lists, for either index; removing and
+adding an id replaces the document. Two forked gloo ranks, each searching its own shards, return
+one process's top-k and write one process's candidate file. Embeddings: test_compressed_index's
+synthetic encoder ("doc J" -> seeded token embeddings), so each document is its own query's best.
+"""
+
+import json
+
+import pytest
+import torch
+
+import colbert_index
+import compressed_index
+from colbert_index import Index, build_index, file_sha256, read_candidates, write_candidates
+from compressed_index import CodecConfig, CompressedIndex, build_compressed_index, compress, decompress
+from conftest import fork_ranks
+from index_updates import add_documents, main, remove_documents
+from retriever import maxsim
+from test_compressed_index import SyntheticEncoder, same_files
+
+SIZE, CFG = 16, CodecConfig(bits=4, centroids=24)
+
+
+def write_docs(path, docs):
+    """A corpus of the documents numbered `docs`: id "docJ", text "doc J"."""
+    path.write_text("".join(json.dumps({"id": f"doc{j}", "contents": f"doc {j}"}) + "\n" for j in docs))
+    return path
+
+
+def write_qa(path, docs):
+    path.write_text("".join(json.dumps({"id": f"q{j}", "question": f"doc {j}", "options": ["yes", "no"],
+                                        "answer": "A"}) + "\n" for j in docs))
+    return path
+
+
+@pytest.fixture
+def grown(tmp_path):
+    """base.jsonl (48 documents, shards 0-2) built, exact and compressed, then new.jsonl (32, shards
+    3 and 4) added to each; both.jsonl (all 80) built exactly at once."""
+    enc = SyntheticEncoder()
+    base, new = write_docs(tmp_path / "base.jsonl", range(48)), write_docs(tmp_path / "new.jsonl", range(48, 80))
+    build_index(enc, base, tmp_path / "exact", SIZE, 8)
+    add_documents(enc, Index(tmp_path / "exact"), new, 8)
+    build_compressed_index(enc, base, tmp_path / "c", CFG, SIZE, 8)
+    add_documents(enc, CompressedIndex(tmp_path / "c"), new, 8)
+    build_index(enc, write_docs(tmp_path / "both.jsonl", range(80)), tmp_path / "both", SIZE, 8)
+    return enc, tmp_path
+
+
+def decompressed_maxsim(index: CompressedIndex, enc: SyntheticEncoder, Q, qm, docs) -> torch.Tensor:
+    """MaxSim (Nq, len(docs)) over the documents compressed and decompressed with the index's codec."""
+    E = torch.cat([enc.doc(j).half() for j in docs]).float()            # as the index stores them
+    D = decompress(index.codec, *compress(index.codec, E)).split([enc.doc(j).size(0) for j in docs])
+    D = torch.nn.utils.rnn.pad_sequence(D, batch_first=True)            # (N, L, d)
+    return maxsim(Q, qm, D, D.norm(dim=-1) > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# add
+
+def test_an_added_corpus_is_searched_as_if_built_with_the_others(grown):
+    enc, root = grown
+    index, both = Index(root / "exact"), Index(root / "both")
+    assert index.ids == both.ids == [f"doc{j}" for j in range(80)] and len(index.shards) == 5
+    Q, qm = enc.queries(list(range(0, 80, 3)))
+    s, i = index.search(Q, qm, k=10)
+    s_both, i_both = both.search(Q, qm, k=10)
+    assert torch.equal(i, i_both) and torch.equal(s, s_both)
+    _, top = index.search(*enc.queries([60, 79]), k=1)                  # a new document, from its own query
+    assert [index.ids[d] for d in top[:, 0].tolist()] == ["doc60", "doc79"]
+    assert index.text(60) == "doc 60" and index.text(5) == "doc 5"      # each from its own file
+    added = index.manifest["added"]
+    assert [(a["corpus"], a["corpus_sha256"], a["first_shard"], a["complete"]) for a in added] == \
+        [(str((root / "new.jsonl").resolve()), file_sha256(root / "new.jsonl"), 3, True)]
+
+    c = CompressedIndex(root / "c")                                     # compressed with the built codec
+    assert c.ids == index.ids and c.text(70) == "doc 70"
+    s, i = c.search(Q, qm, k=10, nprobe=c.codec.centroids.size(0))
+    top_s, top_i = decompressed_maxsim(c, enc, Q, qm, range(80)).topk(10, dim=1)
+    assert torch.equal(i, top_i) and torch.allclose(s, top_s, atol=1e-4)
+
+    files = {p.name: p.read_bytes() for p in (root / "exact").iterdir()}
+    add_documents(enc, index, root / "new.jsonl", 8)                    # the same add again: nothing to do
+    assert {p.name: p.read_bytes() for p in (root / "exact").iterdir()} == files
+    write_docs(root / "new.jsonl", range(48, 81))                       # an added corpus edited in place
+    with pytest.raises(ValueError, match=r"new.jsonl: changed since .*exact had it added"):
+        Index(root / "exact")
+
+
+@pytest.mark.parametrize("kind", ["exact", "c"])
+def test_a_killed_add_is_left_out_and_resumes_to_the_same_bytes(grown, kind, monkeypatch, capsys):
+    enc, root = grown
+    module, open_index = (colbert_index, Index) if kind == "exact" else (compressed_index, CompressedIndex)
+    if kind == "exact":
+        build_index(enc, root / "base.jsonl", root / "killed", SIZE, 8)
+    else:
+        build_compressed_index(enc, root / "base.jsonl", root / "killed", CFG, SIZE, 8)
+    calls, real = [], module.encode_shard
+
+    def dies_on_second_shard(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+
+    monkeypatch.setattr(module, "encode_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        add_documents(enc, open_index(root / "killed"), root / "new.jsonl", 8)
+    assert (root / "killed" / "shard_00003.safetensors").is_file()
+    assert not (root / "killed" / "shard_00004.safetensors").exists()
+    index = open_index(root / "killed")                                 # the unfinished addition left out
+    assert len(index.ids) == 48 and "new.jsonl are left out, adding them did not finish" in capsys.readouterr().err
+    _, i = index.search(*enc.queries([50, 60]), k=48)
+    assert (i < 48).all()
+    calls.clear()
+    monkeypatch.setattr(module, "encode_shard", lambda *a: (calls.append(1), real(*a))[1])
+    add_documents(enc, index, root / "new.jsonl", 8)
+    assert len(calls) == 1, "the resumed add encoded a shard already on disk"
+    same_files(root / kind, root / "killed")
+    assert open_index(root / "killed").ids[60] == "doc60"
+
+
+def test_a_bad_add_is_refused_naming_the_file(grown):
+    enc, root = grown
+    files = {p.name: p.read_bytes() for p in (root / "exact").iterdir()}
+    more = write_docs(root / "more.jsonl", range(80, 90))
+    with pytest.raises(ValueError, match=r"more.jsonl: not added to .*exact, built with encoder synthetic-0-32, "
+                                         r"not with this one \(synthetic-1-32\)"):
+        add_documents(SyntheticEncoder(seed=1), Index(root / "exact"), more)
+    for docs, dup in (([85, 86, 7], 7), ([90, 55], 55)):                # a built document, an added one
+        with pytest.raises(ValueError, match=fr"dup.jsonl: document 'doc{dup}' is in .*exact already "
+                                             fr"\(document {dup}\); give it another id, or remove the old one"):
+            add_documents(enc, Index(root / "exact"), write_docs(root / "dup.jsonl", docs))
+    with pytest.raises(ValueError, match=r"twice.jsonl:2: duplicate id 'doc91' \(first on line 1\)"):
+        add_documents(enc, Index(root / "exact"), write_docs(root / "twice.jsonl", [91, 91]))
+    with pytest.raises(ValueError, match="compressed.jsonl: no documents"):
+        add_documents(enc, CompressedIndex(root / "c"), write_docs(root / "compressed.jsonl", []))
+    assert {p.name: p.read_bytes() for p in (root / "exact").iterdir()} == files, "a refused add wrote something"
+    manifest = json.loads(files["manifest.json"])                       # as an add killed mid-way leaves it
+    manifest["added"][0]["complete"] = False
+    (root / "exact" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"more.jsonl: not added to .*exact: adding .*new.jsonl did not finish; "
+                                         "run that add again first"):
+        add_documents(enc, Index(root / "exact"), more)
+
+
+# ----------------------------------------------------------------------------------------------
+# remove
+
+def test_a_removed_document_is_never_returned(grown):
+    enc, root = grown
+    Q, qm = enc.queries([7, 60, 8])                                     # 7 and 60: one built, one added
+    assert Index(root / "both").search(Q, qm, k=1)[1][:2, 0].tolist() == [7, 60], "each its own query's best"
+    remove_documents(Index(root / "exact"), ["doc7", "doc60"])
+    (root / "ids.txt").write_text("doc60\n\n")
+    main(["remove", str(root / "c"), "doc7", "--ids-file", str(root / "ids.txt")])   # the command line, a file of ids
+    exact, c = Index(root / "exact"), CompressedIndex(root / "c")
+    assert exact.num_live == c.num_live == 78 and exact.ids[7] == "doc7" and exact.text(60) == "doc 60"
+    for index, settings in ((exact, {}), (c, {"nprobe": c.codec.centroids.size(0)}), (c, {"nprobe": 1})):
+        s, i = index.search(Q, qm, k=100, **settings)
+        assert i.shape == (3, 78) and not {7, 60} & set(i.flatten().tolist()), settings
+    rest = [j for j in range(80) if j not in (7, 60)]                   # as if never indexed
+    build_index(enc, write_docs(root / "rest.jsonl", rest), root / "rest", SIZE, 8)
+    s, i = exact.search(Q, qm, k=10)
+    s_rest, i_rest = Index(root / "rest").search(Q, qm, k=10)
+    assert [[exact.ids[d] for d in row] for row in i.tolist()] == [[f"doc{rest[d]}" for d in row] for row in i_rest.tolist()]
+    assert torch.equal(s, s_rest)
+    top_s, top_i = decompressed_maxsim(c, enc, Q, qm, rest).topk(10, dim=1)
+    s, i = c.search(Q, qm, k=10, nprobe=c.codec.centroids.size(0))
+    assert [[c.ids[d] for d in row] for row in i.tolist()] == [[f"doc{rest[d]}" for d in row] for row in top_i.tolist()]
+    qa = write_qa(root / "qa.jsonl", [7, 60, 8])
+    for index, n in ((exact, 78), (c, 10)):
+        write_candidates(enc, index, qa, root / "cands.jsonl", n=n)
+        lists = read_candidates(root / "cands.jsonl")
+        assert all(len(docs) == n and not {"doc7", "doc60"} & set(docs) for docs in lists.values())
+
+    with pytest.raises(ValueError, match=r"'doc7': removed from .*exact already; nothing removed"):
+        remove_documents(exact, ["doc8", "doc7"])
+    with pytest.raises(ValueError, match=r"'nope': not a document of .*exact; nothing removed"):
+        remove_documents(exact, ["nope"])
+    assert Index(root / "exact").num_live == 78, "a refused remove removed doc8"
+    add_documents(enc, exact, write_docs(root / "doc7.jsonl", [7]), 8)   # removed, then added: replaced
+    index = Index(root / "exact")
+    _, i = index.search(*enc.queries([7]), k=1)
+    assert int(i[0, 0]) == 80 and index.ids[80] == "doc7" and index.text(80) == "doc 7"
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: each rank searches its own shards
+
+def searches(root, rank: int = 0, world: int = 1) -> dict:
+    """Both indexes (5 shards: rank 0 of 2 searches 3, rank 1 2), at k beyond a rank's documents and
+    beyond all the documents left, and at an nprobe that leaves places empty."""
+    enc = SyntheticEncoder()
+    Q, qm = enc.queries(list(range(0, 80, 5)))
+    exact, c = Index(root / "exact"), CompressedIndex(root / "c")
+    return {"exact k=40": exact.search(Q, qm, k=40, rank=rank, world=world),
+            "exact k=100": exact.search(Q, qm, k=100, chunk_bytes=4096, rank=rank, world=world),
+            "compressed k=40": c.search(Q, qm, k=40, nprobe=2, rank=rank, world=world),
+            "compressed k=100": c.search(Q, qm, k=100, nprobe=1, rank=rank, world=world)}
+
+
+def search_as_rank(rank: int, world: int, root):
+    torch.save(searches(root, rank, world), root / f"rank{rank}.pt")
+    write_candidates(SyntheticEncoder(), Index(root / "exact"), root / "qa.jsonl", root / "two.jsonl", n=20,
+                     batch_size=2, rank=rank, world=world)
+
+
+def test_two_ranks_search_as_one_process(grown):
+    enc, root = grown
+    remove_documents(Index(root / "exact"), ["doc3", "doc70"])
+    remove_documents(CompressedIndex(root / "c"), ["doc3", "doc70"])
+    qa = write_qa(root / "qa.jsonl", [1, 33, 50, 64, 79])              # 3 batches of 2
+    one = searches(root)
+    write_candidates(enc, Index(root / "exact"), qa, root / "one.jsonl", n=20, batch_size=2)
+    assert fork_ranks(search_as_rank, 2, root / "init", root) == [0, 0]
+    for rank in (0, 1):
+        two = torch.load(root / f"rank{rank}.pt")
+        for name, (s, i) in one.items():
+            assert torch.equal(two[name][0], s) and torch.equal(two[name][1], i), f"rank {rank}: {name}"
+    assert one["exact k=100"][1].shape == (16, 78) and (one["compressed k=100"][1] == -1).any()
+    assert (root / "two.jsonl").read_bytes() == (root / "one.jsonl").read_bytes()

@@ -19,7 +19,7 @@ import torch
 
 import colbert_index
 import compressed_index
-from colbert_index import Index, build_index, file_sha256, read_candidates, write_candidates
+from colbert_index import Index, best_first, build_index, file_sha256, read_candidates, write_candidates
 from compressed_index import CodecConfig, CompressedIndex, build_compressed_index, compress, decompress
 from conftest import fork_ranks
 from index_updates import add_documents, main, remove_documents
@@ -196,6 +196,26 @@ def test_a_removed_document_is_never_returned(grown):
 # ----------------------------------------------------------------------------------------------
 # torchrun: each rank searches its own shards
 
+def test_best_first_breaks_ties_by_document_number_whatever_the_split():
+    """The merge's total order: higher score, then lower document number, so the k best of each
+    part's k best are the k best of all (topk would order ties as it likes)."""
+    s, d = best_first(torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0]]), torch.tensor([[9, 7, 3, 5, 8]]), k=2)
+    assert s.tolist() == [[2.0, 2.0]] and d.tolist() == [[3, 7]]
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (3, 60), generator=g).float()          # (Nq, N): ties everywhere
+    docs = torch.arange(60).expand(3, -1)
+    whole = best_first(scores, docs, 10)
+    for _ in range(5):                                                  # split as ranks and shards would
+        cuts = sorted(torch.randperm(59, generator=g)[:4].add(1).tolist())
+        parts = [best_first(scores[:, a:b], docs[:, a:b], 10) for a, b in zip([0, *cuts], [*cuts, 60])]
+        merged = best_first(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), 10)
+        assert torch.equal(merged[0], whole[0]) and torch.equal(merged[1], whole[1]), cuts
+
+
+def add_as_rank(rank: int, world: int, root):
+    add_documents(SyntheticEncoder(), Index(root / "two ranks"), root / "new.jsonl", 8, rank, world)
+
+
 def searches(root, rank: int = 0, world: int = 1) -> dict:
     """Both indexes (5 shards: rank 0 of 2 searches 3, rank 1 2), at k beyond a rank's documents and
     beyond all the documents left, and at an nprobe that leaves places empty."""
@@ -214,8 +234,13 @@ def search_as_rank(rank: int, world: int, root):
                      batch_size=2, rank=rank, world=world)
 
 
-def test_two_ranks_search_as_one_process(grown):
+def test_two_ranks_add_and_search_as_one_process(grown):
+    """An addition of 2 shards shared by 2 ranks: one process's files. Then searches at several k and
+    nprobe, and a candidate file, from 2 ranks equal one process's, on both ranks."""
     enc, root = grown
+    build_index(enc, root / "base.jsonl", root / "two ranks", SIZE, 8)
+    assert fork_ranks(add_as_rank, 2, root / "init add", root) == [0, 0]
+    same_files(root / "exact", root / "two ranks")
     remove_documents(Index(root / "exact"), ["doc3", "doc70"])
     remove_documents(CompressedIndex(root / "c"), ["doc3", "doc70"])
     qa = write_qa(root / "qa.jsonl", [1, 33, 50, 64, 79])              # 3 batches of 2

@@ -23,7 +23,7 @@ from colbert_index import Index, best_first, build_index, file_sha256, read_cand
 from compressed_index import CodecConfig, CompressedIndex, build_compressed_index, compress, decompress
 from conftest import fork_ranks
 from index_updates import add_documents, main, remove_documents
-from retriever import maxsim
+from retriever import BertConfig, ColBERT, ColBERTConfig, load_wordpiece, maxsim
 from test_compressed_index import SyntheticEncoder, same_files
 
 SIZE, CFG = 16, CodecConfig(bits=4, centroids=24)
@@ -253,3 +253,34 @@ def test_two_ranks_add_and_search_as_one_process(grown):
             assert torch.equal(two[name][0], s) and torch.equal(two[name][1], i), f"rank {rank}: {name}"
     assert one["exact k=100"][1].shape == (16, 78) and (one["compressed k=100"][1] == -1).any()
     assert (root / "two.jsonl").read_bytes() == (root / "one.jsonl").read_bytes()
+
+
+def test_the_add_command_with_a_real_bert(tmp_path):
+    """`python index_updates.py add` (main, in process) loads the index's encoder from its manifest
+    (a random tiny BERT): the texts come from both files, and searches for the added texts equal a
+    build of both corpora at once, up to rounding (the documents share batches with others there)."""
+    words = "the of and a in to is was for with patients disease treatment drug heart lung blood cancer".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]",
+                                                   "[MASK]", ".", *words]) + "\n")
+    bert = BertConfig(vocab_size=8 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64)
+    ColBERT(bert, ColBERTConfig(dim=16, doc_maxlen=12), load_wordpiece(tmp_path)).save_pretrained(tmp_path / "bert")
+    model = ColBERT.from_pretrained(tmp_path / "bert").eval()           # random weights, as main() loads them
+    g = torch.Generator().manual_seed(0)
+    lines = [json.dumps({"id": f"d{j}", "contents": " ".join(words[i] for i in torch.randint(
+        0, len(words), (3 + j % 6,), generator=g))}) + "\n" for j in range(20)]
+    (tmp_path / "base.jsonl").write_text("".join(lines[:12]))
+    (tmp_path / "new.jsonl").write_text("".join(lines[12:]))
+    (tmp_path / "both.jsonl").write_text("".join(lines))
+    build_index(model, tmp_path / "base.jsonl", tmp_path / "index", 8, 4, model_path=str(tmp_path / "bert"))
+    main(["add", str(tmp_path / "index"), str(tmp_path / "new.jsonl"), "--batch-size", "4"])
+    build_index(model, tmp_path / "both.jsonl", tmp_path / "both", 8, 4)
+    index, both = Index(tmp_path / "index"), Index(tmp_path / "both")
+    texts = [index.text(j) for j in range(20)]
+    assert texts == [json.loads(x)["contents"] for x in lines]
+    with torch.no_grad():
+        Q, qm = model.encode_queries(texts[12:])
+    s, i = index.search(Q, qm, k=5)
+    s_both, i_both = both.search(Q, qm, k=5)
+    assert torch.equal(i, i_both) and (i >= 12).any()
+    assert torch.allclose(s, s_both, atol=1e-5)     # not bitwise: a batch's padding moves BERT's last bits

@@ -482,11 +482,12 @@ def main():
         with torch.no_grad():
             Q, q_mask = model.encode_queries(args.queries)
         scores, docs = index.search(Q, q_mask, args.k, args.nprobe, rank=rank, world=world)   # torchrun: shards split
-        for q, s, dd in zip(args.queries, scores.tolist(), docs.tolist()) if rank == 0 else ():
-            print(f"\nquery: {q}")
-            for place, (score, doc) in enumerate(zip(s, dd), start=1):
-                if doc >= 0:
-                    print(f"{place:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
+        if rank == 0:                                                   # every rank has the results
+            for q, s, dd in zip(args.queries, scores.tolist(), docs.tolist()):
+                print(f"\nquery: {q}")
+                for place, (score, doc) in enumerate(zip(s, dd), start=1):
+                    if doc >= 0:
+                        print(f"{place:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

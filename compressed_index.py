@@ -237,7 +237,8 @@ def compress_shard(codec: Codec, tensors: dict, shard_size: int) -> dict:
     codes, residuals = (torch.cat(x) for x in zip(*parts))                 # (Ntok,), (Ntok, d*b/8)
     lists, list_offsets = inverted_lists(codes, tensors["offsets"], codec.centroids.size(0))
     list_dtype = torch.int16 if shard_size <= 2 ** 15 else torch.int32     # document numbers within a shard
-    return {**tensors, "codes": codes, "residuals": residuals, "lists": lists.to(list_dtype), "list_offsets": list_offsets}
+    return {**tensors, "codes": codes, "residuals": residuals, "lists": lists.to(list_dtype),
+            "list_offsets": list_offsets}
 
 
 def build_compressed_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, cfg: CodecConfig | None = None,
@@ -386,9 +387,10 @@ class CompressedIndex(Index):
 
         1. Each scored query token probes its `nprobe` nearest centroids (Nq, Lq, P).
         2. Per shard: a query's candidates are the documents on the inverted lists of its probed
-           centroids, less the removed ones; the union over queries is decompressed, `chunk_tokens` tokens at a time, and
-           scored against every query token by exact MaxSim (a scatter-max by owner document, as in
-           Index.search); a document that is not a query's candidate scores -inf for it.
+           centroids, less the removed ones; the union over queries is decompressed, `chunk_tokens`
+           tokens at a time, and scored against every query token by exact MaxSim (a scatter-max by
+           owner document, as in Index.search); a document that is not a query's candidate scores
+           -inf for it.
         3. One top-k merge per shard (best_first). A query with fewer than k candidates gets score
            -inf and document -1 in the places left over: raise nprobe.
         Shared by `world` ranks as Index.search: rank r searches shards r, r + W, ..., then merge_ranks.

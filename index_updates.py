@@ -49,7 +49,8 @@ def open_index(index_dir: str | Path) -> Index:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index here; build one with `python colbert_index.py build` "
                                 "(or compressed_index.py)")
-    return CompressedIndex(index_dir) if read_manifest(path, ("num_docs",)).get("format") == FORMAT else Index(index_dir)
+    compressed = read_manifest(path, ("num_docs",)).get("format") == FORMAT
+    return CompressedIndex(index_dir) if compressed else Index(index_dir)
 
 
 def live_ids(index: Index) -> dict[str, int]:
@@ -63,16 +64,17 @@ def add_documents(model: ColBERT, index_dir: str | Path, corpus: str | Path, bat
     resumably, in one process or shared by `world` ranks (colbert_index.check_ranks). Returns the
     manifest.
 
-    1. Open the index (all its checks: shards, corpora unchanged). Refuse another encoder (the new shards would not be comparable with the old), and return
-       at once if the corpus is in the index already (same sha256: the command ran before).
+    1. Open the index (with all its checks: shards, corpora unchanged). Refuse another encoder
+       (the new shards would not be comparable with the old ones), and return at once if the
+       corpus is in the index already (same sha256: the command ran before).
     2. Read the corpus once (read_corpus: validated, file:line) and refuse an id that a document
        of the index has (not a removed one), naming the file and the id.
     3. An unfinished addition of this corpus is resumed; of another corpus, refused. Else the
        addition is listed, unfinished, with its first shard (after the index's last); every shard
        of it already on disk is checked (check_shard: this addition's, these documents).
     4. Encode (and, compressed, compress) the missing shards, rank r every W-th, each atomically.
-    5. Rank 0 marks the addition complete in the manifest read again (a manifest written in the
-       meantime, e.g. by remove, keeps its changes).
+    5. Rank 0 marks the addition complete, in the manifest as read again: this step changes that
+       one flag and nothing else.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a whole number of documents, at least 1")
@@ -133,9 +135,10 @@ def add_documents(model: ColBERT, index_dir: str | Path, corpus: str | Path, bat
 
 
 def remove_documents(index_dir: str | Path, ids: list[str]) -> dict:
-    """Tombstone the documents `ids` of the index in index_dir (exact or compressed): listed in the manifest's "removed" (number
-    and id, by number), written atomically; nothing is removed when one id is not a document of
-    the index, or was removed already. Returns the manifest. One process: no ranks."""
+    """Tombstone the documents `ids` of the index in index_dir (exact or compressed): listed in
+    the manifest's "removed" (number and id, sorted by number), written atomically; nothing is
+    removed when one id is not a document of the index, or was removed already. Returns the
+    manifest. One process: no ranks."""
     index = open_index(index_dir)
     have, gone = live_ids(index), {r["id"] for r in index.manifest.get("removed", [])}
     for doc_id in ids:

@@ -171,7 +171,8 @@ def test_a_removed_document_is_never_returned(grown):
     build_index(enc, write_docs(root / "rest.jsonl", rest), root / "rest", SIZE, 8)
     s, i = exact.search(Q, qm, k=10)
     s_rest, i_rest = Index(root / "rest").search(Q, qm, k=10)
-    assert [[exact.ids[d] for d in row] for row in i.tolist()] == [[f"doc{rest[d]}" for d in row] for row in i_rest.tolist()]
+    as_ids = [[f"doc{rest[d]}" for d in row] for row in i_rest.tolist()]
+    assert [[exact.ids[d] for d in row] for row in i.tolist()] == as_ids
     assert torch.equal(s, s_rest)
     top_s, top_i = decompressed_maxsim(c, enc, Q, qm, rest).topk(10, dim=1)
     s, i = c.search(Q, qm, k=10, nprobe=c.codec.centroids.size(0))

@@ -84,9 +84,14 @@ def add_documents(model: ColBERT, index_dir: str | Path, corpus: str | Path, bat
     if model.fingerprint() != m["encoder"]:                                # 1.
         raise ValueError(f"{corpus}: not added to {index.dir}, built with encoder {m['encoder']}, not with this one "
                          f"({model.fingerprint()}); add it with the index's encoder (--model {m.get('model_path')})")
-    sha, added = file_sha256(corpus), m.get("added", [])
-    if sha == m["corpus_sha256"] or any(a["corpus_sha256"] == sha and a["complete"] for a in added):
+    sha, added, st = file_sha256(corpus), m.get("added", []), corpus.stat()
+    done = [a for a in added if a["corpus_sha256"] == sha and a["complete"]]
+    if sha == m["corpus_sha256"] or done:
         print(f"{corpus}: in {index.dir} already, nothing to add", file=sys.stderr)
+        if done and (done[0]["corpus_bytes"], done[0]["corpus_mtime_ns"]) != (st.st_size, st.st_mtime_ns):
+            done[0].update(corpus_bytes=st.st_size, corpus_mtime_ns=st.st_mtime_ns)   # touched, not changed: noted,
+            if rank == 0:                                                             # so no open hashes it again
+                write_manifest(index.dir, m)
         return m
     shard_size = m["shard_size"]
     n_docs, starts, digests = shard_starts(corpus, shard_size)            # 2.
@@ -103,7 +108,6 @@ def add_documents(model: ColBERT, index_dir: str | Path, corpus: str | Path, bat
         raise ValueError(f"{corpus}: not added to {index.dir}: adding {pending[0]['corpus']} did not finish; run that "
                          "add again first (it resumes), or abandon it: delete its entry from manifest.json's \"added\" "
                          "and its shard files")
-    st = corpus.stat()
     entry = {"corpus": str(corpus.resolve()), "corpus_sha256": sha, "corpus_bytes": st.st_size,
              "corpus_mtime_ns": st.st_mtime_ns, "num_docs": n_docs, "num_shards": len(starts),
              "first_shard": pending[0]["first_shard"] if pending else len(index.shards), "complete": False}

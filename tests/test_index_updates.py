@@ -13,6 +13,8 @@ synthetic encoder ("doc J" -> seeded token embeddings), so each document is its 
 """
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -90,6 +92,9 @@ def test_an_added_corpus_is_searched_as_if_built_with_the_others(grown):
     files = {p.name: p.read_bytes() for p in (root / "exact").iterdir()}
     add_documents(enc, root / "exact", root / "new.jsonl", 8)           # the same add again: nothing to do
     assert {p.name: p.read_bytes() for p in (root / "exact").iterdir()} == files
+    os.utime(root / "new.jsonl", ns=(time.time_ns() + 10**9,) * 2)     # touched, not changed: noted
+    add_documents(enc, root / "exact", root / "new.jsonl", 8)
+    assert Index(root / "exact").manifest["added"][0]["corpus_mtime_ns"] == (root / "new.jsonl").stat().st_mtime_ns
     write_docs(root / "new.jsonl", range(48, 81))                       # an added corpus edited in place
     with pytest.raises(ValueError, match=r"new.jsonl: changed since .*exact had it added"):
         Index(root / "exact")

@@ -66,7 +66,8 @@ def add_documents(model: ColBERT, index_dir: str | Path, corpus: str | Path, bat
 
     1. Open the index (with all its checks: shards, corpora unchanged). Refuse another encoder
        (the new shards would not be comparable with the old ones), and return at once if the
-       corpus is in the index already (same sha256: the command ran before).
+       corpus is in the index already (same sha256: the command ran before; a touched file's
+       new size and time are noted).
     2. Read the corpus once (read_corpus: validated, file:line) and refuse an id that a document
        of the index has (not a removed one), naming the file and the id.
     3. An unfinished addition of this corpus is resumed; of another corpus, refused. Else the

@@ -377,6 +377,10 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     return manifest
 
 
+# ----------------------------------------------------------------------------------------------
+# A built index: its parts (the built corpus, the added ones), tombstones, and exact search, shard by
+# shard; under torchrun each rank searches its own shards, then one merge
+
 def corpus_parts(m: dict, key: str | None, index_dir: Path) -> list[dict]:
     """The corpora an index is made of, in document order: the one it was built from, then each
     corpus added since that finished (index_updates.py). An unfinished addition is left out, and
@@ -393,9 +397,6 @@ def corpus_parts(m: dict, key: str | None, index_dir: Path) -> list[dict]:
         parts.append({**added, "key": addition_key(key, added["corpus_sha256"])})
     return parts
 
-
-# ----------------------------------------------------------------------------------------------
-# Search: exact MaxSim shard by shard; under torchrun each rank searches its own shards, then one merge
 
 NO_DOC = torch.iinfo(torch.long).max    # pads a rank's top-k (with score -inf): sorts after every document
 

@@ -3,9 +3,11 @@
 retriever.py's ColBERT embeds every token of a document; this file stores those embeddings for a
 whole corpus and searches them. The index is fp16 token embeddings in safetensors shards, built
 resumably (under torchrun by every rank, each encoding its share of the shards, the same bytes as
-one process) and searched exactly, one shard and one chunk at a time, so it can outgrow RAM. Then
-candidate lists: the top-N documents for every question of a QA file (read by qa_data.read_qa),
-which train.py re-ranks. Also the corpus reader and the few torchrun helpers shared by train.py and
+one process) and searched exactly, one shard and one chunk at a time, so it can outgrow RAM (under
+torchrun each rank searches its own shards and the top-k are merged). An index also reads the
+corpora added to it since and skips the documents removed from it (both written by
+index_updates.py). Then candidate lists: the top-N documents for every question of a QA file (read
+by qa_data.read_qa), which train.py re-ranks. Also the corpus reader and the few torchrun helpers shared by train.py and
 eval.py (they sit here, the lowest file that needs them).
 
 Shape legend:
@@ -16,9 +18,11 @@ Run:
     python colbert_index.py search INDEX_DIR "what treats scurvy?" --k 5
     python colbert_index.py candidates QA_FILE INDEX_DIR OUT.jsonl --n 30   # MedQA, MedMCQA, MMLU, PubMedQA, generic
     torchrun --nproc_per_node=8 colbert_index.py build ...   # or candidates: the ranks share the work, same bytes
+    python index_updates.py add INDEX_DIR NEW_CORPUS   # or: remove INDEX_DIR ID...; no rebuild
 """
 
 import argparse
+import bisect
 import hashlib
 import json
 import os
@@ -193,13 +197,16 @@ def gather_in_order(mine: list[tuple[int, object]], world: int) -> list:
 # ----------------------------------------------------------------------------------------------
 # The index: fp16 token embeddings in safetensors shards, searched exactly, shard by shard
 #
-#   INDEX_DIR/manifest.json          encoder fingerprint, ColBERT settings, corpus sha256, counts
+#   INDEX_DIR/manifest.json          encoder fingerprint, ColBERT settings, corpus sha256, counts; since
+#                                    index_updates.py: "added" (each corpus added: file, sha256, counts, first
+#                                    shard, complete) and "removed" (tombstones [{"doc", "id"}], not searched)
 #   INDEX_DIR/shard_00000.safetensors
 #       embeddings    (Ntok, d) fp16   the scored tokens of each document, documents back to back
 #       offsets       (n + 1,) int64   document i owns embeddings[offsets[i]:offsets[i + 1]]
 #       byte_offsets  (n,) int64       where document i's line starts in the corpus file
 #       metadata "shard"               JSON {"build": build_key, "number": s, "ids": the n document ids}
-#                                      (one key: safetensors writes several in a random order)
+#                                      (one key: safetensors writes several in a random order); an added
+#                                      corpus's shards carry addition_key(build_key, its sha256)
 
 # what an index is made of: an existing manifest that differs in one of these is refused
 MANIFEST_KEYS = ("format", "encoder", "colbert", "corpus_sha256", "num_docs", "shard_size")
@@ -214,6 +221,11 @@ def shard_path(index_dir: Path, s: int) -> Path:
 
 def build_key(made_of: dict) -> str:
     return hashlib.sha256(json.dumps({k: made_of[k] for k in BUILD_KEYS}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def addition_key(key: str | None, corpus_sha256: str) -> str | None:
+    """The build key of the shards of a corpus added to the index of build `key` (index_updates.py)."""
+    return key and hashlib.sha256(f"{key}+{corpus_sha256}".encode()).hexdigest()[:16]
 
 
 def write_manifest(index_dir: Path, manifest: dict):
@@ -252,6 +264,18 @@ def check_shard(path: Path, s: int, key: str | None, n: int, digest: str | None 
         raise ValueError(f"{path}: its document ids ({ids[0]!r}, ...) are not those of shard {s} of the corpus; "
                          f"{redo}, or index into a new directory")
     return ids
+
+
+def write_shard(path: Path, tensors: dict, key: str, s: int, ids: list[str]):
+    """Shard s of the build `key`, atomically: a file at `path` is always a whole shard."""
+    meta = {"shard": json.dumps({"build": key, "number": s, "ids": ids})}   # what check_shard reads
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+
+
+def log_shard(rank: int, world: int, s: int, num_shards: int, n_new: int, n_mine: int, t0: float):
+    rate = n_new / (time.perf_counter() - t0)
+    print(f"{f'rank {rank}: ' if world > 1 else ''}shard {s + 1}/{num_shards}: {n_new:,}/{n_mine:,} docs, "
+          f"{rate:,.1f} docs/s, ETA {(n_mine - n_new) / rate:,.0f}s", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -324,7 +348,7 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     st = corpus.stat()                                                      # Index compares these before it trusts
     manifest = {**made_of, "num_docs": n_docs, "num_shards": len(starts), "corpus": str(corpus.resolve()),
                 "corpus_bytes": st.st_size, "corpus_mtime_ns": st.st_mtime_ns, "model_path": model_path,
-                "complete": False}
+                "complete": False, **{k: old[k] for k in ("added", "removed") if old and k in old}}   # index_updates
     differ = [k for k in MANIFEST_KEYS if old and old.get(k) != manifest[k]]   # 3.
     if differ:
         raise ValueError(f"{index_dir} holds an index built with a different {', '.join(differ)}; "
@@ -343,12 +367,9 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     t0, n_new, n_mine = time.perf_counter(), 0, sum(size(s, n_docs) for s in mine)
     for s in mine:                                                          # 4.
         tensors, ids = encode_shard(model, read_shard(corpus, starts[s], size(s, n_docs)), batch_size)
-        meta = {"shard": json.dumps({"build": key, "number": s, "ids": ids})}   # what check_shard reads
-        atomic_write(shard_path(index_dir, s), lambda p: save_file(tensors, p, metadata=meta))  # noqa: B023 (run now)
+        write_shard(shard_path(index_dir, s), tensors, key, s, ids)
         n_new += size(s, n_docs)
-        rate = n_new / (time.perf_counter() - t0)
-        print(f"{f'rank {rank}: ' if world > 1 else ''}shard {s + 1}/{len(starts)}: {n_new:,}/{n_mine:,} docs, "
-              f"{rate:,.1f} docs/s, ETA {(n_mine - n_new) / rate:,.0f}s", file=sys.stderr, flush=True)
+        log_shard(rank, world, s, len(starts), n_new, n_mine, t0)
     barrier(world)
     manifest["complete"] = True
     if rank == 0:                                                           # 5.
@@ -357,8 +378,60 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     return manifest
 
 
+# ----------------------------------------------------------------------------------------------
+# A built index: its parts (the built corpus, the added ones), tombstones, and exact search, shard by
+# shard; under torchrun each rank searches its own shards, then one merge
+
+def corpus_parts(m: dict, key: str | None, index_dir: Path) -> list[dict]:
+    """The corpora an index is made of, in document order: the one it was built from, then each
+    corpus added since that finished (index_updates.py). An unfinished addition is left out, and
+    said so: its shards may be half-written. Each part: {"corpus", "corpus_sha256", "corpus_bytes",
+    "corpus_mtime_ns", "num_docs", "first_shard", "num_shards", "key"} ("key": its shards' build
+    key; no "corpus" in a synthetic index, benchmarks/'s)."""
+    built = {k: m[k] for k in ("corpus", "corpus_sha256", "corpus_bytes", "corpus_mtime_ns") if k in m}
+    parts = [{**built, "num_docs": m["num_docs"], "first_shard": 0, "num_shards": m["num_shards"], "key": key}]
+    for added in m.get("added", []):
+        if not added["complete"]:
+            print(f"{index_dir}: the documents of {added['corpus']} are left out, adding them did not finish; run "
+                  "the same `python index_updates.py add` command again to finish", file=sys.stderr)
+            continue
+        parts.append({**added, "key": addition_key(key, added["corpus_sha256"])})
+    return parts
+
+
+NO_DOC = torch.iinfo(torch.long).max    # pads a rank's top-k (with score -inf): sorts after every document
+
+
+def best_first(scores: torch.Tensor, docs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores, docs (Nq, m) -> the k best of each row, best first: the higher score, then the lower
+    document number. A total order, so the k best of each shard's (or rank's) k best are the k best
+    of all however the documents are split: ranks give one process's answer bit for bit, ties
+    included (topk would break ties as it likes)."""
+    by_doc = docs.argsort(dim=1)                                            # (Nq, m)
+    scores, docs = scores.gather(1, by_doc), docs.gather(1, by_doc)
+    pick = scores.argsort(dim=1, descending=True, stable=True)[:, :k]       # (Nq, k)
+    return scores.gather(1, pick), docs.gather(1, pick)
+
+
+def merge_ranks(top_s: torch.Tensor, top_i: torch.Tensor, k: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank's k best of its own shards (Nq, <= k) -> the k best of all (Nq, k), on every rank:
+    an all_gather of the (score, document) pairs, each rank's padded to k with (-inf, NO_DOC), then
+    best_first. The tensors stay on their device (the process group's: the queries')."""
+    if world == 1:
+        return top_s, top_i
+    pad = k - top_s.size(1)                                                 # a rank with few documents, or none
+    top_s = torch.cat([top_s, top_s.new_full((top_s.size(0), pad), float("-inf"))], dim=1)   # (Nq, k)
+    top_i = torch.cat([top_i, top_i.new_full((top_i.size(0), pad), NO_DOC)], dim=1)
+    all_s, all_i = [torch.empty_like(top_s) for _ in range(world)], [torch.empty_like(top_i) for _ in range(world)]
+    dist.all_gather(all_s, top_s)
+    dist.all_gather(all_i, top_i)
+    return best_first(torch.cat(all_s, dim=1), torch.cat(all_i, dim=1), k)   # (Nq, W*k) -> (Nq, k)
+
+
 class Index:
-    """A built index: exact MaxSim top-k over every document, one shard (and chunk) at a time."""
+    """A built index: exact MaxSim top-k over every document, one shard (and chunk) at a time.
+    Documents are numbered in order, the built corpus's then each added corpus's; a removed
+    document keeps its number (in `ids`, `text()`), and search never returns it."""
 
     def __init__(self, index_dir: str | Path):
         """Open an index, refusing one whose build did not finish, whose shards are not its build's
@@ -375,55 +448,87 @@ class Index:
         if not m["complete"]:
             raise ValueError(f"{self.dir}: the index build did not finish; run the same "
                              "`python colbert_index.py build` command again to resume it")
+        self.key = build_key(m) if all(k in m for k in BUILD_KEYS) else None   # None: a synthetic index (benchmarks/)
+        self.open_parts("python colbert_index.py build")
+
+    def open_parts(self, build_command: str):
+        """Check every corpus (check_corpus), then every shard of every part in document order
+        (check_shard) -> shards, shard_first_doc, ids, byte_offsets; then the tombstones -> live (N,)
+        bool, num_live. Shared with compressed_index.CompressedIndex, which sets its own self.key."""
+        m, shard_size = self.manifest, self.manifest["shard_size"]
+        self.parts = corpus_parts(m, self.key, self.dir)
         self.check_corpus()
-        self.shards = [shard_path(self.dir, s) for s in range(m["num_shards"])]
-        self.ids, byte_offsets = [], []
-        for s, p in enumerate(self.shards):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: missing from the index; run the same `python colbert_index.py build` "
-                                        "command again to re-encode it")
-            key = build_key(m) if all(k in m for k in BUILD_KEYS) else None   # None: a synthetic index (benchmarks/)
-            self.ids += check_shard(p, s, key, min(m["shard_size"], m["num_docs"] - s * m["shard_size"]))
-            with open_safetensors(p) as f:
-                byte_offsets.append(f.get_tensor("byte_offsets"))
+        self.shards, self.shard_first_doc, self.ids, byte_offsets = [], [], [], []
+        for n_part, part in enumerate(self.parts):
+            part["first_doc"] = len(self.ids)
+            for j in range(part["num_shards"]):
+                s = part["first_shard"] + j
+                p = shard_path(self.dir, s)
+                if not p.is_file():
+                    raise FileNotFoundError(f"{p}: missing from the index; " + (
+                        f"run the same `{build_command}` command again to re-encode it" if n_part == 0 else
+                        f"it holds documents of {part['corpus']}, added since: restore it, or build the index again"))
+                self.shards.append(p)
+                self.shard_first_doc.append(len(self.ids))
+                self.ids += check_shard(p, s, part["key"], min(shard_size, part["num_docs"] - j * shard_size))
+                with open_safetensors(p) as f:
+                    byte_offsets.append(f.get_tensor("byte_offsets"))
         self.byte_offsets = torch.cat(byte_offsets)
+        self.live = torch.ones(len(self.ids), dtype=torch.bool)               # (N,) False: removed
+        for r in m.get("removed", []):
+            if not (isinstance(r, dict) and isinstance(r.get("doc"), int) and 0 <= r["doc"] < len(self.ids)
+                    and self.ids[r["doc"]] == r.get("id")):
+                raise ValueError(f"{self.dir / 'manifest.json'}: removed {r} is not a document of this index; "
+                                 "restore the manifest, or delete that entry from its \"removed\" list")
+            self.live[r["doc"]] = False
+        self.num_live = int(self.live.sum())
 
     def check_corpus(self):
-        """The corpus file must be the one indexed: same size and modification time, else same
-        sha256 (hashed only then; a touched file passes). Edited in place, the stored byte offsets
-        and embeddings would serve text that was never indexed."""
-        m = self.manifest
-        if "corpus" not in m:                                   # benchmarks/retriever_search.py's: no corpus file
-            return
-        corpus = Path(m["corpus"])
-        if not corpus.is_file():
-            raise FileNotFoundError(f"{corpus}: not found; {self.dir} was built from it and reads the document texts "
-                                    "there: restore it, or build an index of the corpus where it is now")
-        st = corpus.stat()
-        if (st.st_size, st.st_mtime_ns) != (m.get("corpus_bytes"), m.get("corpus_mtime_ns")) \
-                and file_sha256(corpus) != m["corpus_sha256"]:
-            raise ValueError(f"{corpus}: changed since {self.dir} was built from it (sha256 differs); the index scores "
-                             "the old texts: build the index again (into a new directory, or delete this one), "
-                             "or restore the corpus")
+        """Every corpus file (the built one, each added one) must be the one indexed: same size and
+        modification time, else same sha256 (hashed only then; a touched file passes). Edited in
+        place, the stored byte offsets and embeddings would serve text that was never indexed."""
+        for n_part, part in enumerate(self.parts):
+            if "corpus" not in part:                            # benchmarks/retriever_search.py's: no corpus file
+                continue
+            corpus, how = Path(part["corpus"]), "was built from it" if n_part == 0 else "had it added"
+            if not corpus.is_file():
+                raise FileNotFoundError(f"{corpus}: not found; {self.dir} {how} and reads the document texts "
+                                        "there: restore it, or build an index of the corpus where it is now")
+            st = corpus.stat()
+            if (st.st_size, st.st_mtime_ns) != (part.get("corpus_bytes"), part.get("corpus_mtime_ns")) \
+                    and file_sha256(corpus) != part["corpus_sha256"]:
+                raise ValueError(f"{corpus}: changed since {self.dir} {how} (sha256 differs); the index scores "
+                                 "the old texts: build the index again (into a new directory, or delete this one), "
+                                 "or restore the corpus")
 
     def check_encoder(self, model: ColBERT):
         if model.fingerprint() != self.manifest["encoder"]:
             raise ValueError(f"{self.dir} was built with encoder {self.manifest['encoder']}, not with this "
                              f"one ({model.fingerprint()}); search it with the same weights and settings")
 
+    def shard_tensors(self, model: ColBERT, docs: list[tuple[str, str, int]], batch_size: int) -> tuple[dict, list]:
+        """A shard of this index for `docs` -> (tensors, ids), as the build writes it (index_updates.py
+        adds shards with it; compressed_index.CompressedIndex compresses them too)."""
+        return encode_shard(model, docs, batch_size)
+
     @torch.no_grad()
-    def search(self, Q: torch.Tensor, q_mask: torch.Tensor, k: int = 10,
-               chunk_bytes: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q (Nq, Lq, d), q_mask (Nq, Lq) -> top-k scores and document numbers, each (Nq, k).
+    def search(self, Q: torch.Tensor, q_mask: torch.Tensor, k: int = 10, chunk_bytes: int = 1 << 22,
+               rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q (Nq, Lq, d), q_mask (Nq, Lq) -> top-k scores and document numbers, each (Nq, min(k, live docs)).
 
         Per shard: a table `best` (n docs, Nq*Lq) of each document's best match for each query
         token, filled chunk by chunk of stored tokens (one matmul, then a scatter-max by the
-        token's owner document); then the masked sum over query tokens and one top-k merge.
-        Memory: two chunk buffers of about `chunk_bytes` (small enough to stay in cache, and
-        reused, so no page is zero-filled twice) plus one shard's `best`, whatever the index size.
+        token's owner document); then the masked sum over query tokens, removed documents dropped,
+        and one merge (best_first). Memory: two chunk buffers of about `chunk_bytes` (small enough
+        to stay in cache, and reused, so no page is zero-filled twice) plus one shard's `best`,
+        whatever the index size. Shared by `world` ranks (check_ranks), each called with the same
+        queries: rank r searches shards r, r + W, ..., and every rank returns the merged top-k,
+        one process's bit for bit (merge_ranks).
         """
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r}: must be a whole number of documents, at least 1")
+        check_ranks(rank, world)
+        k = min(k, self.num_live)
         device = Q.device
         dtype = torch.float16 if device.type == "cuda" else torch.float32   # CPUs lack fast fp16 matmul
         Nq, Lq, d = Q.shape
@@ -432,9 +537,8 @@ class Index:
         E_buf = sim_buf = torch.empty(0, device=device)
         top_s = torch.full((Nq, 0), float("-inf"), device=device)
         top_i = torch.zeros((Nq, 0), dtype=torch.long, device=device)
-        first_doc = 0
-        for path in self.shards:
-            with open_safetensors(path) as f:
+        for s in range(rank, len(self.shards), world):
+            with open_safetensors(self.shards[s]) as f:
                 offsets, emb = f.get_tensor("offsets"), f.get_slice("embeddings")
                 n, n_tok = offsets.numel() - 1, int(offsets[-1])
                 owner = torch.repeat_interleave(torch.arange(n), offsets.diff()).to(device)   # (Ntok,) doc of token
@@ -448,16 +552,18 @@ class Index:
                     sim = torch.mm(E, Qt, out=sim_buf[:t1 - t0]).float()    # (t, Nq*Lq)
                     best.scatter_reduce_(0, owner[t0:t1, None].expand_as(sim), sim, "amax")
             scores = torch.where(q_mask.reshape(1, Nq, Lq), best.view(n, Nq, Lq), 0.0).sum(-1)   # (n, Nq)
-            top_s = torch.cat([top_s, scores.T], dim=1)                     # (Nq, k + n)
-            top_i = torch.cat([top_i, torch.arange(first_doc, first_doc + n, device=device).expand(Nq, -1)], dim=1)
-            top_s, pick = top_s.topk(min(k, top_s.size(1)), dim=1)
-            top_i = top_i.gather(1, pick)
-            first_doc += n
-        return top_s, top_i
+            first = self.shard_first_doc[s]
+            live = self.live[first:first + n].to(device)                    # (n,) removed documents out
+            docs = torch.arange(first, first + n, device=device)[live]      # (n_live,)
+            top_s, top_i = best_first(torch.cat([top_s, scores[live].T], dim=1),          # (Nq, k + n_live)
+                                      torch.cat([top_i, docs.expand(Nq, -1)], dim=1), k)
+        return merge_ranks(top_s, top_i, k, world)
 
     def text(self, doc: int) -> str:
-        """The text of document number `doc`, read from the corpus file at its byte offset."""
-        corpus, offset = Path(self.manifest["corpus"]), int(self.byte_offsets[doc])
+        """The text of document number `doc`, read from its corpus file (the built one or an added
+        one) at its byte offset."""
+        part = self.parts[bisect.bisect_right([p["first_doc"] for p in self.parts], doc) - 1]
+        corpus, offset = Path(part["corpus"]), int(self.byte_offsets[doc])
         with open(corpus, "rb") as f:
             f.seek(offset)
             parsed = parse_corpus_line(f.readline(), f"{corpus}: byte {offset}", corpus.suffix == ".tsv")
@@ -471,28 +577,36 @@ def write_candidates(model: ColBERT, index: Index, qa_file: str | Path, out: str
                      batch_size: int = 64, fmt: str | None = None, rank: int = 0, world: int = 1):
     """For every question of a QA file (read by `read_qa`, format `fmt` or detected), its top-n
     documents, as JSON lines {"id", "question", "doc_ids", "scores"} in file order (train.py reads this).
-    Shared by `world` ranks (see check_ranks): rank r searches batches r, r + W, ... of the one split
-    into batches and rank 0 writes the gathered lines, so the bytes are one process's; every rank
-    returns once the file is there."""
+
+    Shared by `world` ranks (see check_ranks) by splitting the index, not the questions: every rank
+    encodes every batch of questions, searches its own shards (Index.search's rank, world) and the
+    top-n are merged (an all_gather of (Nq, n) pairs per batch); rank 0 writes the file, which is
+    one process's byte for byte, and every rank returns once it is there. Why the shards: each
+    batch scans the whole index, so splitting the questions makes every rank read all of it (W
+    reads of each shard per round of batches, competing for the page cache when the index does not
+    fit in RAM), while splitting the shards has each rank read only its 1/W, the same files batch
+    after batch: they stay in its machine's page cache (or GPU's) as soon as 1/W of the index fits,
+    and a file with fewer batches than ranks still keeps every rank busy. The price is small: one
+    all_gather per batch, every rank encoding every question (32 tokens each, next to a scan of
+    the index), and waiting for the slowest rank per batch (shards are of equal size)."""
     for name, value in (("n", n), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a whole number, at least 1")
     check_ranks(rank, world)
     index.check_encoder(model)
     questions = [(r.id, r.question) for r in read_qa(qa_file, fmt)]   # all validated before any search
-    mine = []                                                          # (question number, JSON line)
-    for a in range(rank * batch_size, len(questions), world * batch_size):
+    lines = []
+    for a in range(0, len(questions), batch_size):
         batch = questions[a:a + batch_size]
         with torch.no_grad():
             Q, q_mask = model.encode_queries([q for _, q in batch])
-        scores, docs = index.search(Q, q_mask, n)
+        scores, docs = index.search(Q, q_mask, n, rank=rank, world=world)
         if (docs < 0).any():                                           # compressed_index: too few candidates
             raise ValueError(f"{qa_file}: the compressed index found fewer than n={n} candidates for a question "
                              "at its default nprobe; lower n, or write the lists from the exact index")
-        for i, ((qid, q), s, dd) in enumerate(zip(batch, scores.tolist(), docs.tolist())):
-            mine.append((a + i, json.dumps({"id": qid, "question": q, "doc_ids": [index.ids[j] for j in dd],
-                                            "scores": [round(x, 4) for x in s]})))
-    lines = gather_in_order(mine, world)
+        for (qid, q), s, dd in zip(batch, scores.tolist(), docs.tolist()):
+            lines.append(json.dumps({"id": qid, "question": q, "doc_ids": [index.ids[j] for j in dd],
+                                     "scores": [round(x, 4) for x in s]}))
     if rank == 0:
         atomic_write(Path(out), lambda p: Path(p).write_text("\n".join(lines) + "\n"))
     barrier(world)
@@ -580,11 +694,12 @@ def main():
         index.check_encoder(model)
         with torch.no_grad():
             Q, q_mask = model.encode_queries(args.queries)
-        scores, docs = index.search(Q, q_mask, args.k)
-        for q, s, dd in zip(args.queries, scores.tolist(), docs.tolist()):
-            print(f"\nquery: {q}")
-            for place, (score, doc) in enumerate(zip(s, dd), start=1):
-                print(f"{place:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
+        scores, docs = index.search(Q, q_mask, args.k, rank=rank, world=world)   # torchrun: the shards split
+        if rank == 0:                                                   # every rank has the results
+            for q, s, dd in zip(args.queries, scores.tolist(), docs.tolist()):
+                print(f"\nquery: {q}")
+                for place, (score, doc) in enumerate(zip(s, dd), start=1):
+                    print(f"{place:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
     else:
         write_candidates(model, index, args.qa_file, args.out, args.n, args.batch_size, args.format, rank, world)
         if rank == 0:

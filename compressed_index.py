@@ -18,7 +18,10 @@ scored: the exact index's ranking, up to the quantization.
 
 The build reuses colbert_index.py's corpus reading, encoding, manifest, shard checks, atomic
 writes and resume: a killed build resumes to the same bytes. Search maps each shard into memory and
-reads only its candidates' pages. The files are not byte-compatible with ColBERTv2's.
+reads only its candidates' pages; under torchrun each rank searches its own shards and the top-k
+are merged (colbert_index.merge_ranks). Documents are added (compressed with the index's codec)
+and removed by index_updates.py, as for the exact index. The files are not byte-compatible with
+ColBERTv2's.
 
 Shape legend:
     Nq queries   Lq query tokens   d embedding dim   K centroids   b bits per residual dimension
@@ -27,6 +30,7 @@ Shape legend:
 Run:
     python compressed_index.py build CORPUS INDEX_DIR --bits 2 [--model BERT_DIR]   # resumable
     python compressed_index.py search INDEX_DIR "what treats scurvy?" --k 5 --nprobe 4
+    python index_updates.py add INDEX_DIR NEW_CORPUS   # or: remove INDEX_DIR ID...; no rebuild
 """
 
 import argparse
@@ -44,9 +48,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import cli
-from colbert_index import (BUILD_KEYS, REBUILD, Index, at_least_1, barrier, check_ranks, check_shard, encode_shard,
-                           file_sha256, read_manifest, read_shard, setup_distributed, shard_path, shard_starts,
-                           write_manifest)
+from colbert_index import (BUILD_KEYS, REBUILD, Index, at_least_1, barrier, best_first, check_ranks, check_shard,
+                           encode_shard, file_sha256, log_shard, merge_ranks, read_manifest, read_shard,
+                           setup_distributed, shard_path, shard_starts, write_manifest, write_shard)
 from llama import atomic_write, open_safetensors
 from retriever import ColBERT, ColBERTConfig, default_model_dir
 
@@ -225,6 +229,19 @@ def inverted_lists(codes: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[
     return pairs % n, F.pad(torch.bincount(pairs // n, minlength=k).cumsum(0), (1, 0))
 
 
+def compress_shard(codec: Codec, tensors: dict, shard_size: int) -> dict:
+    """An exact shard's tensors (encode_shard) -> the compressed shard's: its embeddings replaced by
+    codes, residuals and inverted lists (int16 document numbers while shards hold at most 2^15)."""
+    tensors = dict(tensors)
+    E = tensors.pop("embeddings")                                          # (Ntok, d) fp16
+    parts = [compress(codec, E[a:a + (1 << 16)]) for a in range(0, E.size(0), 1 << 16)]   # bounded memory
+    codes, residuals = (torch.cat(x) for x in zip(*parts))                 # (Ntok,), (Ntok, d*b/8)
+    lists, list_offsets = inverted_lists(codes, tensors["offsets"], codec.centroids.size(0))
+    list_dtype = torch.int16 if shard_size <= 2 ** 15 else torch.int32     # document numbers within a shard
+    return {**tensors, "codes": codes, "residuals": residuals, "lists": lists.to(list_dtype),
+            "list_offsets": list_offsets}
+
+
 def build_compressed_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, cfg: CodecConfig | None = None,
                            shard_size: int = 10_000, batch_size: int = 32, model_path: str | None = None,
                            rank: int = 0, world: int = 1) -> dict:
@@ -289,26 +306,18 @@ def build_compressed_index(model: ColBERT, corpus: str | Path, index_dir: str | 
             check_shard(shard_path(index_dir, s), s, key, size(s), digests[s])
     manifest = {**now, "num_shards": len(starts), "corpus": str(corpus.resolve()), "corpus_bytes": st.st_size,
                 "corpus_mtime_ns": st.st_mtime_ns, "model_path": model_path, "codec_sha256": codec_sha256,
-                "num_centroids": codec.centroids.size(0), "complete": False}
+                "num_centroids": codec.centroids.size(0), "complete": False,
+                **{k: old[k] for k in ("added", "removed") if old and k in old}}   # kept: index_updates.py's
     if rank == 0:
         write_manifest(index_dir, manifest)
     barrier(world)
     mine = [s for s in range(len(starts)) if s % world == rank and not shard_path(index_dir, s).is_file()]
     t0, n_new, n_mine = time.perf_counter(), 0, sum(size(s) for s in mine)
-    list_dtype = torch.int16 if shard_size <= 2 ** 15 else torch.int32   # document numbers within a shard
     for s in mine:
         tensors, ids = encode_shard(model, read_shard(corpus, starts[s], size(s)), batch_size)
-        E = tensors.pop("embeddings")                                      # (Ntok, d) fp16
-        parts = [compress(codec, E[a:a + (1 << 16)]) for a in range(0, E.size(0), 1 << 16)]   # bounded memory
-        codes, residuals = (torch.cat(x) for x in zip(*parts))             # (Ntok,), (Ntok, d*b/8)
-        lists, list_offsets = inverted_lists(codes, tensors["offsets"], codec.centroids.size(0))
-        tensors.update(codes=codes, residuals=residuals, lists=lists.to(list_dtype), list_offsets=list_offsets)
-        meta = {"shard": json.dumps({"build": key, "number": s, "ids": ids})}   # what check_shard reads
-        atomic_write(shard_path(index_dir, s), lambda p: save_file(tensors, p, metadata=meta))  # noqa: B023 (run now)
+        write_shard(shard_path(index_dir, s), compress_shard(codec, tensors, shard_size), key, s, ids)
         n_new += size(s)
-        rate = n_new / (time.perf_counter() - t0)
-        print(f"{f'rank {rank}: ' if world > 1 else ''}shard {s + 1}/{len(starts)}: {n_new:,}/{n_mine:,} docs, "
-              f"{rate:,.1f} docs/s, ETA {(n_mine - n_new) / rate:,.0f}s", file=sys.stderr, flush=True)
+        log_shard(rank, world, s, len(starts), n_new, n_mine, t0)
     barrier(world)
     manifest["complete"] = True
     if rank == 0:                                                          # 4.
@@ -344,7 +353,8 @@ def ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 class CompressedIndex(Index):
     """A built compressed index. Search as Index.search, over the probed candidates only; text(),
-    ids, check_encoder and check_corpus are Index's."""
+    ids, live, check_encoder and check_corpus are Index's, and so is the reading of added corpora
+    and removed documents (open_parts)."""
 
     def __init__(self, index_dir: str | Path):
         """Open an index, refusing an exact one, one whose build did not finish, whose shards are
@@ -360,39 +370,39 @@ class CompressedIndex(Index):
         if not m["complete"]:
             raise ValueError(f"{self.dir}: the index build did not finish; run the same "
                              "`python compressed_index.py build` command again to resume it")
-        self.check_corpus()
         codec_path = self.dir / "codec.safetensors"
         if not codec_path.is_file() or file_sha256(codec_path) != m.get("codec_sha256"):
             raise ValueError(f"{codec_path}: missing, or not the codec its shards were compressed with; {REBUILD}")
-        self.codec, key = read_codec(codec_path, compressed_key(m)), compressed_key(m, m["codec_sha256"])
-        self.shards = [shard_path(self.dir, s) for s in range(m["num_shards"])]
-        self.ids, byte_offsets = [], []
-        for s, p in enumerate(self.shards):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: missing from the index; run the same `python compressed_index.py "
-                                        "build` command again to compress it")
-            self.ids += check_shard(p, s, key, min(m["shard_size"], m["num_docs"] - s * m["shard_size"]))
-            byte_offsets.append(map_tensors(p)["byte_offsets"].clone())
-        self.byte_offsets = torch.cat(byte_offsets)
+        self.codec, self.key = read_codec(codec_path, compressed_key(m)), compressed_key(m, m["codec_sha256"])
+        self.open_parts("python compressed_index.py build")
+
+    def shard_tensors(self, model: ColBERT, docs: list[tuple[str, str, int]], batch_size: int) -> tuple[dict, list]:
+        """A compressed shard for `docs`, with this index's codec -> (tensors, ids) (index_updates.py)."""
+        tensors, ids = encode_shard(model, docs, batch_size)
+        return compress_shard(self.codec, tensors, self.manifest["shard_size"]), ids
 
     @torch.no_grad()
-    def search(self, Q: torch.Tensor, q_mask: torch.Tensor, k: int = 10, nprobe: int = 4,
-               chunk_tokens: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q (Nq, Lq, d), q_mask (Nq, Lq) -> top-k scores and document numbers, each (Nq, min(k, documents)).
+    def search(self, Q: torch.Tensor, q_mask: torch.Tensor, k: int = 10, nprobe: int = 4, chunk_tokens: int = 1 << 14,
+               rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q (Nq, Lq, d), q_mask (Nq, Lq) -> top-k scores and document numbers, each (Nq, min(k, live docs)).
 
         1. Each scored query token probes its `nprobe` nearest centroids (Nq, Lq, P).
         2. Per shard: a query's candidates are the documents on the inverted lists of its probed
-           centroids; the union over queries is decompressed, `chunk_tokens` tokens at a time, and
-           scored against every query token by exact MaxSim (a scatter-max by owner document, as in
-           Index.search); a document that is not a query's candidate scores -inf for it.
-        3. One top-k merge per shard. A query with fewer than k candidates gets score -inf and
-           document -1 in the places left over: raise nprobe.
+           centroids, less the removed ones; the union over queries is decompressed, `chunk_tokens`
+           tokens at a time, and scored against every query token by exact MaxSim (a scatter-max by
+           owner document, as in Index.search); a document that is not a query's candidate scores
+           -inf for it.
+        3. One top-k merge per shard (best_first). A query with fewer than k candidates gets score
+           -inf and document -1 in the places left over: raise nprobe.
+        Shared by `world` ranks as Index.search: rank r searches shards r, r + W, ..., then merge_ranks.
         """
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r}: must be a whole number of documents, at least 1")
         K = self.codec.centroids.size(0)
         if not isinstance(nprobe, int) or not 1 <= nprobe <= K:
             raise ValueError(f"nprobe={nprobe!r}: must be a whole number of centroids, 1 to {K} (the index's)")
+        check_ranks(rank, world)
+        k = min(k, self.num_live)
         device, (Nq, Lq, d) = Q.device, Q.shape
         codec = self.codec.to(device)
         Q = Q.float()
@@ -403,9 +413,8 @@ class CompressedIndex(Index):
         Qt = Q.reshape(Nq * Lq, d).T                                          # (d, Nq*Lq)
         top_s = torch.full((Nq, 0), float("-inf"), device=device)
         top_i = torch.zeros((Nq, 0), dtype=torch.long, device=device)
-        first_doc = 0
-        for path in self.shards:
-            T = map_tensors(path)                                             # 2.
+        for s in range(rank, len(self.shards), world):
+            T, first_doc = map_tensors(self.shards[s]), self.shard_first_doc[s]   # 2.
             offsets, list_offsets = T["offsets"].clone(), T["list_offsets"]
             n = offsets.numel() - 1
             lengths = list_offsets[used + 1] - list_offsets[used]             # (u,)
@@ -414,6 +423,7 @@ class CompressedIndex(Index):
             q, e = probed[:, used[which]].nonzero(as_tuple=True)              # query q probes entry e's list
             candidate = torch.zeros(Nq, n, dtype=torch.bool)
             candidate[q, on_list[e]] = True                                   # (Nq, n)
+            candidate &= self.live[first_doc:first_doc + n]                   # removed: never a candidate
             docs = candidate.any(0).nonzero().squeeze(1)                      # (nc,) the union, ascending
             n_tok = offsets.diff()[docs]                                      # (nc,)
             tokens = ranges(offsets[docs], n_tok)                             # (t,) their tokens in the shard
@@ -426,12 +436,10 @@ class CompressedIndex(Index):
                 best.scatter_reduce_(0, owner[a:a + chunk_tokens, None].expand_as(sim), sim, "amax")
             scores = torch.where(q_mask.reshape(1, Nq, Lq), best.view(docs.numel(), Nq, Lq), 0.0).sum(-1).T
             scores = scores.masked_fill(~candidate[:, docs].to(device), float("-inf"))   # (Nq, nc)
-            top_s = torch.cat([top_s, scores], dim=1)                         # (Nq, k + nc)   3.
-            top_i = torch.cat([top_i, (first_doc + docs).to(device).expand(Nq, -1)], dim=1)
-            top_s, pick = top_s.topk(min(k, top_s.size(1)), dim=1)
-            top_i = top_i.gather(1, pick)
-            first_doc += n
-        short = min(k, len(self.ids)) - top_s.size(1)                         # fewer candidates than k in all
+            top_s, top_i = best_first(torch.cat([top_s, scores], dim=1),      # (Nq, k + nc)   3.
+                                      torch.cat([top_i, (first_doc + docs).to(device).expand(Nq, -1)], dim=1), k)
+        top_s, top_i = merge_ranks(top_s, top_i, k, world)
+        short = k - top_s.size(1)                                             # fewer candidates than k in all
         top_s, top_i = F.pad(top_s, (0, short), value=float("-inf")), F.pad(top_i, (0, short), value=-1)
         return top_s, top_i.masked_fill(top_s == float("-inf"), -1)
 
@@ -476,12 +484,13 @@ def main():
         index.check_encoder(model)
         with torch.no_grad():
             Q, q_mask = model.encode_queries(args.queries)
-        scores, docs = index.search(Q, q_mask, args.k, args.nprobe)
-        for q, s, dd in zip(args.queries, scores.tolist(), docs.tolist()):
-            print(f"\nquery: {q}")
-            for place, (score, doc) in enumerate(zip(s, dd), start=1):
-                if doc >= 0:
-                    print(f"{place:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
+        scores, docs = index.search(Q, q_mask, args.k, args.nprobe, rank=rank, world=world)   # torchrun: shards split
+        if rank == 0:                                                   # every rank has the results
+            for q, s, dd in zip(args.queries, scores.tolist(), docs.tolist()):
+                print(f"\nquery: {q}")
+                for place, (score, doc) in enumerate(zip(s, dd), start=1):
+                    if doc >= 0:
+                        print(f"{place:3d}. {score:7.3f}  {index.ids[doc]}  {index.text(doc)[:150]}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,5 @@
-"""Shared fixtures. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here,
-before the kernel module can be imported, to run Triton kernels on CPU tensors."""
+"""Shared fixtures and helpers. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set
+here, before the kernel module can be imported, to run Triton kernels on CPU tensors."""
 
 import os
 
@@ -29,3 +29,27 @@ def smollm2_dir() -> Path:
     if not (out / "config.json").is_file():
         convert(str(gguf), str(out))
     return out
+
+
+def _as_rank(target, rank: int, world: int, init_file: str, args: tuple):
+    import torch.distributed as dist
+    torch.set_num_threads(1)                                            # a forked child: no OpenMP pool reuse
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    target(rank, world, *args)
+    dist.destroy_process_group()
+
+
+def fork_ranks(target, world: int, init_file: Path, *args, timeout: float = 60) -> list[int]:
+    """target(rank, world, *args) in `world` forked processes that form a gloo process group
+    (initialized through init_file) -> their exit codes, 0 each when all went well. Forked, not
+    spawned: nothing is imported again, so two ranks take about a second."""
+    ctx = torch.multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_as_rank, args=(target, r, world, str(init_file), args)) for r in range(world)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=timeout)
+        if p.is_alive():                                                # hung at a collective: do not leave it
+            p.kill()
+            p.join()
+    return [p.exitcode for p in ranks]

@@ -49,6 +49,8 @@ def config_fields(path: str, cls: str) -> list[str]:
     (["grade.py", "-h"], ["paths", "--only", "--json"]),
     (["demo.py", "--help"], ["out", "--seed", "--diseases", "default 2000"]),
     (["s2attn_kernel.py", "-h"], ["--compile", "--head-dims"]),
+    (["compressed_index.py", "build", "-h"], ["--bits", "--centroids"]),
+    (["index_updates.py", "--help"], ["add", "remove"]),
 ])
 def test_help_exits_0_and_names_the_settings(args, expected):
     proc = run_cli(*args)
@@ -80,6 +82,8 @@ def test_train_help_lists_every_field_with_its_default():
     (["qa_data.py", "missing.jsonl"], "qa_data.py: missing.jsonl: No such file or directory"),
     (["qa_data.py", "tests"], "qa_data.py: tests: Is a directory"),
     (["qa_data.py", "README.md", "--format", "generic"], "qa_data.py: README.md:1: not valid JSON"),
+    (["compressed_index.py", "search", "missing_index", "a query"], "compressed_index.py: missing_index"),
+    (["index_updates.py", "remove", "missing_index", "d1"], "index_updates.py: missing_index"),
     (["grade.py", "missing_dir"], "grade.py: missing_dir: neither a student copy"),
     (["demo.py", "README.md/data"], "demo.py: README.md/data: Not a directory"),
 ])

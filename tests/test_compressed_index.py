@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import compressed_index
+from conftest import fork_ranks
 from colbert_index import Index, build_index, read_candidates, write_candidates
 from compressed_index import (CodecConfig, CompressedIndex, bucket_cutoffs_and_weights, build_compressed_index,
                               compress, decompress, fit_codec, map_tensors, pack_bits, unpack_bits)
@@ -273,26 +274,16 @@ def test_another_encoder_corpus_or_build_is_refused(built):
         build_compressed_index(enc, corpus, root / "c2", CodecConfig(bits=2, centroids=24), shard_size=16)
 
 
-def build_as_rank(rank: int, world: int, init_file: str, corpus, index_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)                                            # a forked child: no OpenMP pool reuse
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def build_as_rank(rank: int, world: int, corpus, index_dir):
     build_compressed_index(SyntheticEncoder(), corpus, index_dir, CodecConfig(bits=4, centroids=24), shard_size=16,
                            batch_size=8, rank=rank, world=world)
-    dist.destroy_process_group()
 
 
 def test_two_ranks_build_the_bytes_of_one_process(built):
     """Rank 0 fits the codec, each rank compresses its shards (s % 2): the same files as one process.
-    The ranks are forked (no re-import, so this takes about a second), with a gloo process group."""
+    The ranks are forked (conftest.fork_ranks: no re-import, so this takes about a second)."""
     _, corpus, root = built
-    ctx = torch.multiprocessing.get_context("fork")
-    ranks = [ctx.Process(target=build_as_rank, args=(r, 2, str(root / "init"), corpus, root / "two")) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=60)
-    assert [p.exitcode for p in ranks] == [0, 0]
+    assert fork_ranks(build_as_rank, 2, root / "init", corpus, root / "two") == [0, 0]
     same_files(root / "c4", root / "two")
 
 

@@ -433,7 +433,7 @@ def test_two_ranks_build_resume_and_list_candidates_as_one_process(tmp_path):
     """5 shards over 2 gloo ranks: rank 0 encodes shards 1, 3, 5 and rank 1 shards 2, 4 (the log
     says who), and the index is one process's byte for byte; a build killed with shard 4 missing
     resumes on 2 ranks to the same bytes, encoding that shard alone; 7 questions in batches of 2,
-    searched by both ranks, give one process's candidate file byte for byte."""
+    each rank searching its own shards (3 and 2), give one process's candidate file byte for byte."""
     _, ckpt = tiny_bert(tmp_path / "bert")
     corpus = write_corpus(tmp_path / "corpus.jsonl", 45)
     qa = tmp_path / "qa.jsonl"

@@ -321,8 +321,7 @@ def test_candidate_lists_are_rescored_by_the_retriever(files):
     path = files["dir"] / "candidates.jsonl"
     path.write_text("".join(json.dumps({"id": f"q{i}", "doc_ids": [d for d in DOCS if d != g] + [g]}) + "\n"
                             for i, (*_, g) in enumerate(QUESTIONS)))
-    row = run_eval(files, "--retriever", str(files["retriever"]), "--candidates", str(path), "--k", "2",
-                   "--depth", "8")["results"][0]
+    row = run_eval(files, "--retriever", str(files["retriever"]), "--candidates", str(path), "--k", "2")["results"][0]
     assert (row["recall@1"], row["mrr"]) == (1.0, 1.0), f"the gold documents were not re-ranked first: {row}"
 
 
@@ -352,8 +351,9 @@ def test_a_token_budget_gives_the_scores_of_one_pass(files):
 
 
 def test_a_gold_document_missing_from_the_candidates_counts_as_a_miss(files):
-    """Question 0's list lacks its gold document (each list cut to 8 by --depth; gold first in the others): recall@1 = MRR = 5/6 (train.py's validation counts
-    it the same way, through jmlr.gold_index / gold_ranks)."""
+    """Question 0's list lacks its gold document (each list cut to 8 by --depth, the others' gold
+    first): recall@1 = MRR = 5/6 (train.py's validation counts it the same way, through
+    jmlr.gold_index / gold_ranks)."""
     path = files["dir"] / "candidates-miss.jsonl"
     path.write_text("".join(json.dumps({"id": f"q{i}", "doc_ids": ([g] if i else []) + [d for d in DOCS if d != g]})
                             + "\n" for i, (*_, g) in enumerate(QUESTIONS)))

@@ -74,8 +74,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--candidates", required=True, help="a candidates file of the preset's questions")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up one (at least 1)")
     args = p.parse_args()
+    if args.repeats < 1 or args.batch < 1:
+        raise SystemExit("jmlr_step_profile.py: --repeats and --batch must be at least 1")
     print(f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
           f"load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
     print("| objective | autocast | retriever doc tokens | " + " | ".join(PHASES) + " | step (s) |\n"

@@ -79,7 +79,7 @@ def main():
                 lo, hi = wilson(k, n)
                 accs.append(k / n)
                 cells.append(f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})")
-            print(f"| {r} | " + " | ".join(cells) + f" | {100 * np.mean(accs):.1f} |" if accs else f"| {r} | - |")
+            print(f"| {r} | " + " | ".join(cells) + (f" | {100 * np.mean(accs):.1f} |" if accs else " | - |"))
         print(f"\n### paired differences (points), rule `{rule}`: per seed, and pooled with a bootstrap over questions\n")
         print("| difference | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled [95% interval] |\n"
               + "|---" * (len(seeds) + 2) + "|")
@@ -89,12 +89,13 @@ def main():
                 continue
             ids = sorted(set.intersection(*(set(table[s, a]) & set(table[s, b]) for s in common)))
             diffs = np.array([[table[s, a][i] - table[s, b][i] for s in common] for i in ids], dtype=float)
-            per_seed = [f"{100 * diffs[:, j].mean():+.1f}" for j in range(len(common))]
+            per_seed = [f"{100 * diffs[:, common.index(s)].mean():+.1f}" if s in common else "-" for s in seeds]
             mean, lo, hi = paired_interval(diffs)
             print(f"| {a} - {b} | " + " | ".join(per_seed) + f" | {100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
         print()
 
-    print("### retrieval on the test questions: trained retriever (initial in brackets)\n")
+    print("### retrieval on the test questions: trained retriever (initial in brackets; recall@1 on all of them,\n"
+          "helpfulness on the first n)\n")
     print("| row | seed | recall@1 | helpful agreement | helpful@1 | n helpfulness |\n|---|---|---|---|---|---|")
     for s in seeds:
         for r in ("rag", "jmlr"):
@@ -104,9 +105,11 @@ def main():
             rows = {row["retriever"]: row for row in read_json(path)["results"]}
             trained = rows.get("trained", {})
             initial = next((v for k, v in rows.items() if k != "trained"), {})
-            recall = next(row.get("recall@1") for row in evals[s, r]["results"]) if (s, r) in evals else math.nan
+            # recall@1 on all test questions: the row's own retriever, and the initial one (RAG's, frozen)
+            recall = {x: evals[s, x]["results"][0].get("recall@1", math.nan) if (s, x) in evals else math.nan
+                      for x in (r, "rag")}
             cell = lambda key: f"{trained.get(key, math.nan):.3f} ({initial.get(key, math.nan):.3f})"  # noqa: E731
-            print(f"| {r} | {s} | {recall:.3f} ({initial.get('recall@1', math.nan):.3f}) | {cell('helpful_agreement')} | "
+            print(f"| {r} | {s} | {recall[r]:.3f} ({recall['rag']:.3f}) | {cell('helpful_agreement')} | "
                   f"{cell('helpful@1')} | {trained.get('n', '-')} |")
 
     print("\n### training: what the rank loss saw (first -> last logged step) and time per row\n")

@@ -703,6 +703,9 @@ def main(argv: list[str] | None = None):
         return ask(args, device, dtype, cache, rank, world)
     t_start = time.time()
     benches = [read_benchmark(b, args.format, args.limit) for b in args.benchmarks]
+    out_dir = Path(args.out).resolve().parent if args.out else None
+    if out_dir is not None and not (out_dir.is_dir() and os.access(out_dir, os.W_OK)):   # before hours of work
+        raise PermissionError(f"--out {args.out}: cannot write into {out_dir}; give a writable path")
     for llm_path in args.llm:              # every checkpoint checked before hours of evaluation start
         if resolve_checkpoint(llm_path)[1] is None and "trained" in args.retriever:
             raise ValueError(f"--retriever trained: {llm_path} has no retriever/ (a train.py checkpoint of a "

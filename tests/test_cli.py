@@ -173,3 +173,13 @@ def test_train_says_where_a_resume_continues(tmp_path):
     assert train.stopped_at({"cfg": cfg, "step": 61}) == (
         f"interrupted in step 62 of 90 (jmlr in {tmp_path}); rerun with --resume=True to continue from "
         f"{root / 'step_000030'}")
+
+
+def test_eval_refuses_an_unwritable_out_before_any_work(tmp_path):
+    """--out into a directory that cannot be written fails before a model loads (it used to fail
+    after the whole evaluation had run)."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"id": "q0", "question": "Which vitamin?", "options": {"A": "C", "B": "D"}, "answer": "A"}\n')
+    proc = run_cli("eval.py", str(qa), "--llm", str(tmp_path / "no_model"), "--out", "/proc/no_such/out.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith("eval.py: --out /proc/no_such/out.json: cannot write into /proc/no_such"), proc.stderr

@@ -112,6 +112,16 @@ def main():
             print(f"| {r} | {s} | {recall[r]:.3f} ({recall['rag']:.3f}) | {cell('helpful_agreement')} | "
                   f"{cell('helpful@1')} | {trained.get('n', '-')} |")
 
+    hits = {}      # (seed, row) -> {question: gold document ranked first}
+    for (s, r), e in evals.items():
+        hits[s, r] = {q["id"]: q.get("gold_rank") == 1 for q in e["questions"] if q.get("score") == args.rules[0]}
+    common = [s for s in seeds if (s, "jmlr") in hits and (s, "rag") in hits]
+    if common:
+        ids = sorted(set.intersection(*(set(hits[s, "jmlr"]) for s in common)))
+        diffs = np.array([[hits[s, "jmlr"][i] - hits[s, "rag"][i] for s in common] for i in ids], dtype=float)
+        mean, lo, hi = paired_interval(diffs)
+        print(f"\nrecall@1, JMLR's trained retriever - the initial one, pooled over seeds {common} "
+              f"(bootstrap over questions): {100 * mean:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]")
     print("\n### training: what the rank loss saw (first -> last logged step) and time per row\n")
     print("| row | seed | loss_gen | loss_spread | rank_agreement | recall_at_k | seconds |\n|---|---|---|---|---|---|---|")
     for s in seeds:

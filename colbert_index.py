@@ -272,6 +272,22 @@ def write_shard(path: Path, tensors: dict, key: str, s: int, ids: list[str]):
     atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
 
 
+def write_missing_shards(encode, corpus: Path, index_dir: Path, starts: list[int], sizes: list[int], key: str,
+                         rank: int, world: int, first: int = 0):
+    """Shards first + j (j = 0, 1, ...: byte offset starts[j], sizes[j] documents) that this rank
+    owns (j % world == rank) and that are not on disk yet: encode(docs) -> (tensors, ids), written
+    atomically, with progress; then a barrier. The exact build, the compressed one and additions
+    (index_updates.py) differ only in `encode`."""
+    mine = [j for j in range(len(starts)) if j % world == rank and not shard_path(index_dir, first + j).is_file()]
+    t0, n_new, n_mine = time.perf_counter(), 0, sum(sizes[j] for j in mine)
+    for j in mine:
+        tensors, ids = encode(read_shard(corpus, starts[j], sizes[j]))
+        write_shard(shard_path(index_dir, first + j), tensors, key, first + j, ids)
+        n_new += sizes[j]
+        log_shard(rank, world, j, len(starts), n_new, n_mine, t0)
+    barrier(world)
+
+
 def log_shard(rank: int, world: int, s: int, num_shards: int, n_new: int, n_mine: int, t0: float):
     rate = n_new / (time.perf_counter() - t0)
     print(f"{f'rank {rank}: ' if world > 1 else ''}shard {s + 1}/{num_shards}: {n_new:,}/{n_mine:,} docs, "
@@ -363,14 +379,8 @@ def build_index(model: ColBERT, corpus: str | Path, index_dir: str | Path, shard
     if not path.is_file():                                                 # rank 0 wrote it before the barrier
         raise FileNotFoundError(f"{path}: not found on rank {rank}; index_dir must be on a filesystem that every "
                                 "rank (every machine) sees")
-    mine = [s for s in range(len(starts)) if s % world == rank and not shard_path(index_dir, s).is_file()]
-    t0, n_new, n_mine = time.perf_counter(), 0, sum(size(s, n_docs) for s in mine)
-    for s in mine:                                                          # 4.
-        tensors, ids = encode_shard(model, read_shard(corpus, starts[s], size(s, n_docs)), batch_size)
-        write_shard(shard_path(index_dir, s), tensors, key, s, ids)
-        n_new += size(s, n_docs)
-        log_shard(rank, world, s, len(starts), n_new, n_mine, t0)
-    barrier(world)
+    write_missing_shards(lambda docs: encode_shard(model, docs, batch_size), corpus, index_dir, starts,  # 4.
+                         [size(s, n_docs) for s in range(len(starts))], key, rank, world)
     manifest["complete"] = True
     if rank == 0:                                                           # 5.
         write_manifest(index_dir, manifest)

@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,9 +47,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import cli
-from colbert_index import (BUILD_KEYS, REBUILD, Index, at_least_1, barrier, best_first, check_ranks, check_shard,
-                           encode_shard, file_sha256, log_shard, merge_ranks, read_manifest, read_shard,
-                           setup_distributed, shard_path, shard_starts, write_manifest, write_shard)
+from colbert_index import (BUILD_KEYS, Index, REBUILD, at_least_1, barrier, best_first, check_ranks, check_shard,
+                           encode_shard, file_sha256, merge_ranks, read_manifest, read_shard, setup_distributed,
+                           shard_path, shard_starts, write_manifest, write_missing_shards)
 from llama import atomic_write, open_safetensors
 from retriever import ColBERT, ColBERTConfig, default_model_dir
 
@@ -311,14 +310,10 @@ def build_compressed_index(model: ColBERT, corpus: str | Path, index_dir: str | 
     if rank == 0:
         write_manifest(index_dir, manifest)
     barrier(world)
-    mine = [s for s in range(len(starts)) if s % world == rank and not shard_path(index_dir, s).is_file()]
-    t0, n_new, n_mine = time.perf_counter(), 0, sum(size(s) for s in mine)
-    for s in mine:
-        tensors, ids = encode_shard(model, read_shard(corpus, starts[s], size(s)), batch_size)
-        write_shard(shard_path(index_dir, s), compress_shard(codec, tensors, shard_size), key, s, ids)
-        n_new += size(s)
-        log_shard(rank, world, s, len(starts), n_new, n_mine, t0)
-    barrier(world)
+    def encode(docs):
+        tensors, ids = encode_shard(model, docs, batch_size)
+        return compress_shard(codec, tensors, shard_size), ids
+    write_missing_shards(encode, corpus, index_dir, starts, [size(s) for s in range(len(starts))], key, rank, world)
     manifest["complete"] = True
     if rank == 0:                                                          # 4.
         write_manifest(index_dir, manifest)

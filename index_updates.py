@@ -31,15 +31,14 @@ Run:
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch.distributed as dist
 
 import cli
 from colbert_index import (Index, addition_key, at_least_1, barrier, check_ranks, check_shard, file_sha256,
-                           log_shard, read_corpus, read_manifest, read_shard, setup_distributed, shard_path,
-                           shard_starts, write_manifest, write_shard)
+                           read_corpus, read_manifest, setup_distributed, shard_path, shard_starts, write_manifest,
+                           write_missing_shards)
 from compressed_index import FORMAT, CompressedIndex
 from retriever import ColBERT, ColBERTConfig, default_model_dir
 
@@ -124,14 +123,8 @@ def add_documents(model: ColBERT, index_dir: str | Path, corpus: str | Path, bat
     if rank == 0:
         write_manifest(index.dir, {**m, "added": [a for a in added if a["complete"]] + [entry]})
     barrier(world)
-    mine = [j for j in range(len(starts)) if j % world == rank and not shard_path(index.dir, first + j).is_file()]
-    t0, n_new, n_mine = time.perf_counter(), 0, sum(size(j) for j in mine)
-    for j in mine:                                                         # 4.
-        tensors, ids = index.shard_tensors(model, read_shard(corpus, starts[j], size(j)), batch_size)
-        write_shard(shard_path(index.dir, first + j), tensors, key, first + j, ids)
-        n_new += size(j)
-        log_shard(rank, world, j, len(starts), n_new, n_mine, t0)
-    barrier(world)
+    write_missing_shards(lambda docs: index.shard_tensors(model, docs, batch_size), corpus, index.dir, starts,  # 4.
+                         [size(j) for j in range(len(starts))], key, rank, world, first)
     m = read_manifest(index.dir / "manifest.json")                         # 5.
     m["added"] = [{**a, "complete": True} if a["corpus_sha256"] == sha else a for a in m["added"]]
     if rank == 0:

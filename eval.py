@@ -667,7 +667,7 @@ def build(args, loaded: tuple, llm_path: str, spec: str, device: torch.device) -
     ret = None if spec == "none" else load_retriever(spec, llm_path, device)
     given = lambda value, default: default if value is None else value   # noqa: E731 (an explicit --k 0 counts)
     cfg = JMLRConfig(max_doc_tokens=given(args.max_doc_tokens, saved.get("max_doc_tokens", 180)),
-                     max_pass_tokens=args.max_tokens)
+                     max_pass_tokens=args.max_tokens, doc_loss=saved.get("doc_loss", "target"))   # as trained
     depth = given(args.depth, (args.candidates and train_cfg.get("num_candidates")) or 100)
     return JMLR(llm, ret, tok, cfg, pad_id=0).eval(), given(args.k, saved.get("top_k", 7)), depth
 

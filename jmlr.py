@@ -54,10 +54,14 @@ class JMLRConfig:
     max_doc_tokens: int = 180     # each document is cut to this many LLM tokens in the prompt
     confidence_margin: float = 0.5   # curriculum: a question is "confident" when s_top1 - s_top2 > this
     max_pass_tokens: int = 32768  # no-gradient passes (step 3, option scoring) in chunks of at most this many tokens
+    doc_loss: str = "target"      # step 3's loss given one document: "target" (the mean NLL of the whole target, as
+                                  # the paper) or "letter" (the NLL of the answer letter alone, the token it decides)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.doc_loss not in ("target", "letter"):
+            raise ValueError(f"doc_loss={self.doc_loss!r}: choose 'target' or 'letter'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,10 +82,11 @@ def format_target(letter: str, answer: str, rationale: str | None = None) -> str
 
 
 def tokenize_example(tok, docs: list[str], question: str, options: dict[str, str], target: str,
-                     max_doc_tokens: int) -> tuple[list[int], list[int]]:
+                     max_doc_tokens: int, letter_only: bool = False) -> tuple[list[int], list[int]]:
     """-> (tokens, labels) of the prompt and the target encoded as ONE text, as the model reads it at
     inference: labels are -100 on the prompt and the tokens themselves on the target (which ends
-    with EOS). Each document is first cut to about max_doc_tokens tokens (`cut_document`).
+    with EOS); with letter_only, on the answer letter alone (the target's first token, " B", in BPE).
+    Each document is first cut to about max_doc_tokens tokens (`cut_document`).
 
     Encoding the pieces one by one would not give the same tokens: Llama-2's tokenizer prepends "▁"
     to every text it encodes, so a target " B. text" encoded alone starts with a double space "▁▁"
@@ -93,7 +98,10 @@ def tokenize_example(tok, docs: list[str], question: str, options: dict[str, str
     P = 0                                                        # the prompt's tokens: the common prefix (a token
     while P < min(len(prompt_ids), len(tokens)) and prompt_ids[P] == tokens[P]:   # merged across the border
         P += 1                                                   # is labelled, so the answer is never cut)
-    return tokens, [-100] * P + tokens[P:]
+    last = len(tokens)
+    if letter_only:   # through the first token that is not blank: " B" in BPE, or " " then "B" in bytes
+        last = next((t + 1 for t in range(P, len(tokens)) if tok.decode([tokens[t]]).strip()), last)
+    return tokens, [-100] * P + tokens[P:last] + [-100] * (len(tokens) - last)
 
 
 def cut_document(tok, piece: str, max_tokens: int) -> str:
@@ -342,12 +350,12 @@ class JMLR(nn.Module):
 
     @torch.no_grad()
     def document_losses(self, batch: list[Example], picked: torch.Tensor) -> torch.Tensor:
-        """Step 3: l (B, m), the mean NLL of each question's target given one sampled document alone,
-        without gradients. picked (B, m) indexes each question's candidates; all B * m (document,
+        """Step 3: l (B, m), the mean NLL of each question's target (or its answer letter alone: cfg.doc_loss)
+        given one sampled document alone, without gradients. picked (B, m) indexes each question's candidates; all B * m (document,
         question) prompts go through the LLM as one padded batch (right padding changes nothing)."""
         # assignment: doc_losses: one tokenize_example row per sampled document, one llm_losses call, shaped (B, m)
         rows = [tokenize_example(self.tok, [ex.candidates[i]], ex.question, ex.options, ex.target,
-                                 self.cfg.max_doc_tokens)
+                                 self.cfg.max_doc_tokens, self.cfg.doc_loss == "letter")
                 for ex, p in zip(batch, picked.tolist()) for i in p]
         return self.llm_losses(rows).view(picked.shape)                           # (B, m)
         # end assignment: doc_losses

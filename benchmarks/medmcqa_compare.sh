@@ -4,11 +4,13 @@
 # independent single-thread jobs on 2 lanes (two 1-thread processes beat one 2-thread process on
 # 2 cores). Needs: benchmarks/real_data.py medmcqa-exp ... runs/medmcqa-exp, and the converted
 # SmolLM2 weights in checkpoints/smollm2-135m. Then: python benchmarks/paired.py runs/cmp
+# A variant: OUT=runs/cmp-letter TRAIN_ARGS="--jmlr.doc_loss=letter" bash benchmarks/medmcqa_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/cmp}
 LANES=${LANES:-2}
-export OMP_NUM_THREADS=1 OUT
+TRAIN_ARGS=${TRAIN_ARGS:-}   # more train.py settings for every row, e.g. --jmlr.doc_loss=letter
+export OMP_NUM_THREADS=1 OUT TRAIN_ARGS
 mkdir -p "$OUT"
 [ -d "$OUT/initial-retriever" ] || python -c "import retriever as rt; rt.ColBERT.from_pretrained(rt.default_model_dir(), query_maxlen=64, doc_maxlen=80).save_pretrained('$OUT/initial-retriever')"   # the "before" retriever, as train.py loads it
 [ -f "$OUT/candidates.jsonl" ] || OMP_NUM_THREADS=2 python -c "import train; train.prepare(train.parse_args(['--preset=smollm2-medmcqa', '--out_dir=$OUT', '--candidates=$OUT/candidates.jsonl']), 0)"   # once, before the lanes start
@@ -16,7 +18,7 @@ job() {   # objective seed: train, then accuracy on all 500 test questions, then
   set -euo pipefail
   local obj=$1 seed=$2 dir="$OUT/seed$2-$1" data=runs/medmcqa-exp
   python train.py --preset=smollm2-medmcqa "--compare=('$obj',)" --seed="$seed" --test_file= \
-      --out_dir="$dir" --candidates="$OUT/candidates.jsonl" > "$dir.train.log" 2>&1
+      --out_dir="$dir" --candidates="$OUT/candidates.jsonl" $TRAIN_ARGS > "$dir.train.log" 2>&1
   local ret=none
   [ "$obj" != none ] && ret=trained
   python eval.py $data/test.jsonl --llm "$dir/$obj" --retriever $ret --corpus $data/corpus.jsonl \

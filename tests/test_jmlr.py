@@ -181,6 +181,27 @@ def test_labels_cover_the_target_only():
     assert tokens[1:9] == tok.encode("Document: doc one\n", bos=False)[:7] + nl   # cut to 8 tokens, newline kept
 
 
+
+def test_letter_only_document_losses_are_the_answer_letters_nll_by_hand(joint):
+    """doc_loss="letter": step 3's loss given a document is -log p(answer letter | prompt), the one
+    target token a document can decide, computed here from the LLM's logits by hand."""
+    llm, retriever, batch = joint
+    ex = batch[0]
+    model = JMLR(llm, retriever, ByteTokenizer(), JMLRConfig(doc_loss="letter", max_doc_tokens=30))
+    tokens, labels = tokenize_example(model.tok, [ex.candidates[2]], ex.question, ex.options, ex.target, 30)
+    first = next(i for i, y in enumerate(labels) if y != -100) + 1          # bytes: " " then the letter "A"
+    assert model.tok.decode([tokens[first]]) == "A"
+    with torch.no_grad():
+        logits = llm.lm_head(llm.hidden_states(torch.tensor([tokens])))[0]         # (T, V)
+        by_hand = F.cross_entropy(logits[first - 2:first].float(), torch.tensor(tokens[first - 1:first + 1]))
+        got = model.document_losses([ex], torch.tensor([[2]]))[0, 0]
+        whole = JMLR(llm, retriever, ByteTokenizer(), JMLRConfig(max_doc_tokens=30)).document_losses(
+            [ex], torch.tensor([[2]]))[0, 0]
+    assert torch.allclose(got, by_hand, atol=1e-5), (got, by_hand)
+    assert not torch.allclose(got, whole, atol=1e-3), "the whole target's mean NLL is another number"
+    with pytest.raises(ValueError, match="doc_loss"):
+        JMLRConfig(doc_loss="letters")
+
 @pytest.mark.rank_loss
 def test_tie_margin_turns_near_ties_into_ties():
     s = torch.tensor([[2.0, 1.0, 0.5]])

@@ -101,8 +101,16 @@ SMOLLM2_MEDMCQA = dict(llm="checkpoints/smollm2-135m", retriever="minilm", compa
                        steps=100, batch_size=8, micro_batch_size=8, lr_llm=2e-5, lr_retriever=3e-5, warmup_steps=10,
                        log_every=10, eval_batch_size=16, eval_helpfulness=150, out_dir="runs/smollm2-medmcqa",
                        jmlr=dict(num_sampled=4, top_k=1, max_doc_tokens=64))
+# The same on PubMedQA with every abstract section a passage (benchmarks/real_data.py pubmedqa-sections): the
+# gold document is the question's own conclusion, which all-MiniLM-L6-v2 ranks first for about a quarter of
+# the questions; one passage in the prompt; per-document losses on the answer letter.
+SMOLLM2_PUBMEDQA_SECTIONS = {**SMOLLM2_MEDMCQA, "train_file": "runs/pubmedqa-sections/train.jsonl",
+                             "test_file": "runs/pubmedqa-sections/test.jsonl", "corpus": "runs/pubmedqa-sections/corpus.jsonl",
+                             "doc_maxlen": 128, "steps": 60, "out_dir": "runs/smollm2-pubmedqa-sections",
+                             "jmlr": dict(num_sampled=4, top_k=1, max_doc_tokens=96, doc_loss="letter")}
 PRESETS = {"demo": DEMO, "smollm2-pubmedqa": SMOLLM2_PUBMEDQA,
-           "smollm2-medmcqa": SMOLLM2_MEDMCQA, "llama2-7b": LLAMA2,
+           "smollm2-medmcqa": SMOLLM2_MEDMCQA,
+           "smollm2-pubmedqa-sections": SMOLLM2_PUBMEDQA_SECTIONS, "llama2-7b": LLAMA2,
            "llama2-13b": {**LLAMA2, "fsdp": True, "micro_batch_size": 2}}
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/paired.py: the tables of a none / RAG / JMLR comparison (benchmarks/medmcqa_compare.sh).
+"""benchmarks/paired.py: the tables of a none / RAG / JMLR comparison (benchmarks/real_data_compare.sh).
 
 Reads, for every seed S and row X in OUT: seedS-X.eval.json (eval.py --out on the test questions),
 seedS-X.helpful.json (eval.py --helpfulness, trained and initial retriever) and seedS-X/X/log.jsonl
@@ -12,7 +12,7 @@ seedS-X.helpful.json (eval.py --helpfulness, trained and initial retriever) and 
     training time of each row, so the JMLR / RAG step-time ratio.
 
 Run:
-    python benchmarks/paired.py runs/cmp            # after benchmarks/medmcqa_compare.sh
+    python benchmarks/paired.py runs/cmp            # after benchmarks/real_data_compare.sh
 """
 
 import argparse
@@ -53,12 +53,12 @@ def correct_by_question(evaluation: dict, rule: str) -> dict[str, bool]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out", type=Path, help="the comparison's directory (OUT of medmcqa_compare.sh)")
+    p.add_argument("out", type=Path, help="the comparison's directory (OUT of real_data_compare.sh)")
     p.add_argument("--rules", nargs="+", default=["mean", "sum", "letter"], help="eval.py scoring rules to tabulate")
     args = p.parse_args()
     seeds = sorted({int(f.name[4:].split("-")[0]) for f in args.out.glob("seed*-*.eval.json")})
     if not seeds:
-        raise SystemExit(f"paired.py: {args.out}: no seedS-ROW.eval.json files; run benchmarks/medmcqa_compare.sh first")
+        raise SystemExit(f"paired.py: {args.out}: no seedS-ROW.eval.json files; run benchmarks/real_data_compare.sh first")
     evals = {(s, r): read_json(args.out / f"seed{s}-{r}.eval.json") for s in seeds for r in ROWS
              if (args.out / f"seed{s}-{r}.eval.json").is_file()}
     print(f"seeds {seeds}; rows {sorted({r for _, r in evals})}\n")

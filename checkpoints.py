@@ -9,6 +9,8 @@ save leaves the previous one intact; `latest` names the newest. Under FSDP2 the 
 gathered (a collective: every rank calls save_checkpoint) and rank 0 writes.
 """
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -84,7 +86,8 @@ def save_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", step: int, rank:
         save_file({n: state[n].contiguous() for n in trainable}, tmp / "trainable.safetensors")
         torch.save(optim, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "examples_seen": step * cfg.batch_size,
-                                                    "config": asdict(cfg)}, indent=1, default=str))
+                                                    "config": asdict(cfg), "inputs": input_digests(cfg)},
+                                                   indent=1, default=str))
     if rank == 0:
         llm, retriever = plain_modules(model, state, cfg)
         llm.save_pretrained(tmp / "llm")
@@ -140,6 +143,30 @@ def load_optimizer_state(path: Path) -> dict:
                          "checkpoints/latest) or start a new out_dir") from None
 
 
+INPUT_FILES = ("train_file", "val_file", "test_file", "corpus", "candidates")
+
+
+def input_digests(cfg: "TrainConfig") -> dict[str, str]:
+    """{setting: sha256 of its file} for every file a run reads its data from: a resumed run must
+    read the same data, and a file edited in place keeps its name (the config alone cannot tell)."""
+    return {key: file_digest(Path(getattr(cfg, key))) for key in INPUT_FILES
+            if getattr(cfg, key) and Path(getattr(cfg, key)).is_file()}
+
+
+def file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:   # once per file version, not at every save
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # Settings a resumed run may change without changing what it trains (others: train.py's resume_changes)
 RESUME_MAY_CHANGE = {"resume", "resume_changes", "out_dir", "log_every", "eval_every", "eval_batch_size",
                      "eval_helpfulness", "save_every", "keep_last", "dist_timeout_minutes", "jmlr.max_pass_tokens"}
@@ -178,6 +205,13 @@ def load_checkpoint(model: JMLR, optimizer, cfg: "TrainConfig", rank: int) -> in
         diffs = "; ".join(f"{k}: saved {then.get(k)!r}, now {now.get(k)!r}" for k in changed[:4])
         raise ValueError(f"{ckpt}: the settings differ from the ones it was saved with ({diffs}); resume with the "
                          f"same settings, or name the intended changes: --resume_changes={tuple(changed)!r}")
+    allowed = getattr(cfg, "resume_changes", ())
+    edited = [k for k, digest in input_digests(cfg).items() if k in saved.get("inputs", {})
+              and saved["inputs"][k] != digest and k not in allowed]
+    if edited:
+        raise ValueError(f"{getattr(cfg, edited[0])}: its contents changed since {ckpt} was saved (sha256 differs); "
+                         f"resume with the file it was trained on, or name the intended change: "
+                         f"--resume_changes={tuple(edited)!r}")
     opts = StateDictOptions(full_state_dict=True, strict=False)
     trainable, optim = read_trainable(ckpt, model), load_optimizer_state(ckpt / "optimizer.pt")   # both checked first
     set_model_state_dict(model, trainable, options=opts)

@@ -71,7 +71,8 @@ class TrainConfig:
     save_every: int = 0              # 0: save at the end only
     keep_last: int = 2
     resume: bool = False
-    resume_changes: tuple = ()       # settings a resumed run may change (others are refused): ("steps", "lr_llm")
+    resume_changes: tuple = ()       # settings (or input files, edited in place) a resumed run may change; others
+                                     # are refused: ("steps", "lr_llm", "candidates")
 
 
 DEMO = dict(compare=("none", "rag", "jmlr"), option_head=True, freeze_embeddings=True, steps=1500,

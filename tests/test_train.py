@@ -247,6 +247,24 @@ def test_resume_is_bitwise_and_survives_sigkill(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_resume_refuses_an_input_file_edited_in_place(tmp_path):
+    """The same path with other contents is other data: a resumed run refuses it, naming the file,
+    unless the change is named in resume_changes."""
+    args = SMALL + [f"--out_dir={tmp_path}/run", "--resume_changes=('steps',)"]
+    run_train(args + ["--steps=2"])
+    candidates = tmp_path / "demo-data-seed0" / "candidates.jsonl"
+    first, *rest = candidates.read_text().splitlines(keepends=True)
+    record = json.loads(first)
+    record["doc_ids"][:2] = record["doc_ids"][1::-1]                       # still valid, but other lists
+    candidates.write_text(json.dumps(record) + "\n" + "".join(rest))
+    proc = run_train(args + ["--steps=3", "--resume=True"], check=False)
+    assert proc.returncode == 2 and f"{candidates}: its contents changed" in proc.stderr, proc.stderr[-2000:]
+    assert "--resume_changes=('candidates',)" in proc.stderr
+    proc = run_train(SMALL + [f"--out_dir={tmp_path}/run", "--steps=3", "--resume=True",
+                              "--resume_changes=('steps', 'candidates')"])
+    assert "resumed from step_000002" in proc.stdout
+
+
 def test_short_demo_raises_recall_above_the_frozen_retriever(tmp_path):
     """The built-in demo, shortened: 400 curriculum steps teach the LLM to read, then 150 JMLR steps
     must lift the retriever's recall@1 on held-out diseases well above the frozen retriever's."""

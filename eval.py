@@ -462,21 +462,22 @@ def retrieve(model: JMLR, records: list[QARecord], index: ci.Index | None, candi
 @torch.no_grad()
 def document_help(model: JMLR, records: list[QARecord], examples: list[Example], scores: torch.Tensor,
                   ids: list[list[str]]) -> list[dict]:
-    """--helpfulness, per question: the LLM's loss (mean NLL) of the gold answer ' X. text' given each
-    retrieved document alone (JMLR.candidate_losses, training's step 3) and given none; the documents
+    """--helpfulness, per question: the LLM's loss of the gold answer given each retrieved document
+    alone (JMLR.candidate_losses, training's step 3: the mean NLL of ' X. text', or of the letter
+    alone with doc_loss="letter") and given none; the gold document's id (None if unknown); the documents
     best first (scores, losses, first 100 characters); the most helpful (lowest loss, first of ties);
     and jmlr.helpfulness's agreement (nan: no losses differ) and rank of the most helpful document."""
     golds = [replace(ex, target=format_target(r.answer, r.options[r.answer])) for r, ex in zip(records, examples)]
     losses = model.candidate_losses(golds)                                           # (B, N)
-    alone = model.llm_losses([tokenize_example(model.tok, [], ex.question, ex.options, ex.target, model.cfg.max_doc_tokens)
-                              for ex in golds])                                      # (B,) with no document
+    alone = model.llm_losses([tokenize_example(model.tok, [], ex.question, ex.options, ex.target, model.cfg.max_doc_tokens,
+                                               model.cfg.doc_loss == "letter") for ex in golds])   # (B,) no document
     agreement, best = helpfulness(scores, losses)                                    # (B,) each
     out = []
     for b, ex in enumerate(golds):
         docs = [{"id": ids[b][j], "score": round(float(scores[b, j]), 4), "loss": round(float(losses[b, j]), 4),
                  "text": ex.candidates[j][:100]} for j in scores[b].argsort(descending=True, stable=True).tolist()]
-        out.append({"question": ex.question, "no_document": round(float(alone[b]), 4), "documents": docs,
-                    "most_helpful": ids[b][int(losses[b].argmin())], "agreement": float(agreement[b]),
+        out.append({"question": ex.question, "gold": records[b].gold_doc, "no_document": round(float(alone[b]), 4),
+                    "documents": docs, "most_helpful": ids[b][int(losses[b].argmin())], "agreement": float(agreement[b]),
                     "best_rank": int(best[b])})
     return out
 

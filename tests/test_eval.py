@@ -406,6 +406,15 @@ def test_helpfulness_losses_are_the_option_losses_given_one_document(files):
         assert e["agreement"] == pytest.approx(sum(score[a] > score[b] for a, b in pairs) / len(pairs), abs=1e-6)
         best = min(loss, key=loss.get)
         assert e["most_helpful"] == best and e["best_rank"] == sum(s >= score[best] for s in score.values())
+        assert e["gold"] == r.gold_doc
+    # doc_loss="letter" (training's step 3 on the answer letter): every loss, the one with no document too,
+    # is the letter rule's NLL of ' X'
+    model.cfg = JMLRConfig(doc_loss="letter")
+    for ex, e in zip(examples, ev.document_help(model, records, examples, scores, ids)):
+        gold = list(ex.options).index(ex.answer)
+        letter = {d: float(ev.option_scores(model, ex, [DOCS[d]])["letter"][gold]) for d in DOCS}
+        assert {d["id"]: d["loss"] for d in e["documents"]} == pytest.approx(letter, abs=1e-4)
+        assert e["no_document"] == pytest.approx(float(ev.option_scores(model, ex, [])["letter"][gold]), abs=1e-4)
 
 
 def test_ask_prints_the_gold_document_first_and_the_answer(files, capsys):

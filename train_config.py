@@ -56,7 +56,7 @@ class TrainConfig:
     curriculum: float = 0.0          # first fraction of steps: L_gen on confident questions, no rank loss
     # system
     seed: int = 0
-    autocast: str = "auto"           # "auto": bf16 on CUDA with compute capability >= 8.0; "bf16" (CPUs too); "off"
+    autocast: str = "auto"           # "auto": bf16 on CUDA compute capability >= 8.0 and AVX512-BF16 CPUs; "bf16"; "off"
     fsdp: bool = False               # FSDP2 (fully_shard per LLM block) instead of DDP
     activation_checkpointing: bool = False
     s2attn: bool = False             # S2-Attn (s2attn_kernel.py) in the LLM's gradient-carrying passes
@@ -71,11 +71,10 @@ class TrainConfig:
     save_every: int = 0              # 0: save at the end only
     keep_last: int = 2
     resume: bool = False
-    resume_changes: tuple = ()       # settings (or input files, edited in place) a resumed run may change; others
-                                     # are refused: ("steps", "lr_llm", "candidates")
+    resume_changes: tuple = ()       # settings or edited input files a resumed run may change: ("steps", "candidates")
 
 
-DEMO = dict(compare=("none", "rag", "jmlr"), option_head=True, freeze_embeddings=True, steps=1500,
+DEMO = dict(compare=("none", "rag", "jmlr"), option_head=True, freeze_embeddings=True, steps=1000,
             lr_llm=3e-3, lr_retriever=3e-3, curriculum=0.4, log_every=250,
             jmlr=dict(num_sampled=8, top_k=2, tau=1.0, confidence_margin=0.5, tie_margin=0.5, max_doc_tokens=32))
 # The paper's and the official code's settings where they state them (Llama-2 + ColBERTv2 + LoRA:
@@ -208,7 +207,7 @@ def check_settings(cfg: TrainConfig):
         ("option_letters", cfg.option_letters.isalpha() and cfg.option_letters.isupper()
          and len(set(cfg.option_letters)) == len(cfg.option_letters), "distinct capital letters, such as ABCDE"),
         ("autocast", cfg.autocast in ("auto", "bf16", "off"),
-         "'auto' (bf16 on CUDA compute capability >= 8.0), 'bf16' (on any device) or 'off'"),
+         "'auto' (bf16 on CUDA compute capability >= 8.0 and AVX512-BF16 CPUs), 'bf16' (on any device) or 'off'"),
         ("s2attn_group_size", cfg.s2attn_group_size >= 2, "at least 2 (half a group is the shift)"),
         ("dist_timeout_minutes", cfg.dist_timeout_minutes >= 1, "at least 1"),
         ("log_every", cfg.log_every >= 1, "at least 1"),

@@ -8,6 +8,7 @@ seedS-X.helpful.json (eval.py --helpfulness, trained and initial retriever) and 
     pooled over the seeds; the pooled interval is a bootstrap over questions (each resampled
     question keeps all its seeds, since one question's answers under three seeds are not independent);
   - recall@1 of the gold document and helpfulness agreement, initial retriever against trained;
+  - whether the trained LLM reads: how often the gold document is the one that lowers its loss most;
   - what the rank loss saw during training (per-document loss spread, rank agreement) and the
     training time of each row, so the JMLR / RAG step-time ratio.
 
@@ -111,6 +112,23 @@ def main():
             cell = lambda key: f"{trained.get(key, math.nan):.3f} ({initial.get(key, math.nan):.3f})"  # noqa: E731
             print(f"| {r} | {s} | {recall[r]:.3f} ({recall['rag']:.3f}) | {cell('helpful_agreement')} | "
                   f"{cell('helpful@1')} | {trained.get('n', '-')} |")
+
+    print("\n### does the LLM read? its loss given the gold document, the other candidates, no document (trained "
+          "JMLR LLM, helpfulness questions whose gold document is a candidate)\n")
+    print("| seed | n | gold most helpful | chance | loss: gold | others (mean) | none |\n|---|---|---|---|---|---|---|")
+    for s in seeds:
+        path = args.out / f"seed{s}-jmlr.helpful.json"
+        if not path.is_file():
+            continue
+        reports = [h for h in read_json(path)["helpfulness"] if h["retriever"] == "trained" and h.get("gold")
+                   and any(d["id"] == h["gold"] for d in h["documents"])]
+        if not reports:
+            continue
+        gold = [next(d["loss"] for d in h["documents"] if d["id"] == h["gold"]) for h in reports]
+        others = [np.mean([d["loss"] for d in h["documents"] if d["id"] != h["gold"]]) for h in reports]
+        print(f"| {s} | {len(reports)} | {np.mean([h['most_helpful'] == h['gold'] for h in reports]):.3f} | "
+              f"{np.mean([1 / len(h['documents']) for h in reports]):.3f} | {np.mean(gold):.3f} | {np.mean(others):.3f} | "
+              f"{np.mean([h['no_document'] for h in reports]):.3f} |")
 
     hits = {}      # (seed, row) -> {question: gold document ranked first}
     for (s, r), e in evals.items():

@@ -36,7 +36,7 @@ def config_fields(path: str, cls: str) -> list[str]:
 
 @pytest.mark.parametrize("args, expected", [
     (["train.py", "--help"], ["--preset=NAME", "llama2-13b", "--jmlr.top_k=7", "--lora.rank=8",
-                              "N: candidates per question", "[demo: 1500]"]),
+                              "N: candidates per question", "[demo: 0.4]"]),
     (["train.py", "-h", "--preset=llama2-7b"], ["[llama2-7b: 128]", "r: A is (r, in), B is (out, r)"]),
     (["costs.py", "-h"], ["--mfu=0.4", "model FLOPs utilization", "python train.py --help"]),
     (["eval.py", "--help"], ["--llm", "--retriever", "--corpus", "--k"]),
@@ -66,7 +66,7 @@ def test_train_help_lists_every_field_with_its_default():
         for name in config_fields(path, cls):
             if name not in ("jmlr", "lora"):
                 assert f"  --{prefix}{name}=" in out, f"--{prefix}{name} missing from train.py --help"
-    assert '  --llm=""' in out and "--steps=1000 [demo: 1500]" in out and "--jmlr.tau=1.0" in out
+    assert '  --llm=""' in out and "no rank loss [demo: 0.4]" in out and "--jmlr.tau=1.0" in out
 
 
 @pytest.mark.parametrize("args, message", [

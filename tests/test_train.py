@@ -23,9 +23,10 @@ from llama import Llama
 from retriever import ColBERT
 
 ROOT = Path(__file__).resolve().parents[1]
-# a small knowledge base and short runs: every test here takes seconds
+# a small knowledge base and short runs: every test here takes seconds; fp32 (autocast "auto" is bf16 on
+# CPUs with AVX512-BF16), so that comparisons between runs are exact
 SMALL = ["--demo_diseases=100", "--compare=()", "--curriculum=0.0", "--batch_size=8", "--micro_batch_size=2",
-         "--warmup_steps=2", "--log_every=1", "--jmlr.num_sampled=4", "--eval_helpfulness=0"]
+         "--warmup_steps=2", "--log_every=1", "--jmlr.num_sampled=4", "--eval_helpfulness=0", "--autocast=off"]
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -113,6 +113,21 @@ def main():
             print(f"| {r} | {s} | {recall[r]:.3f} ({recall['rag']:.3f}) | {cell('helpful_agreement')} | "
                   f"{cell('helpful@1')} | {trained.get('n', '-')} |")
 
+    agree = {}     # seed -> {question: trained agreement - initial agreement}
+    for s in seeds:
+        path = args.out / f"seed{s}-jmlr.helpful.json"
+        if path.is_file():
+            by = {}
+            for h in read_json(path)["helpfulness"]:
+                by.setdefault(h["id"], {})["trained" if h["retriever"] == "trained" else "initial"] = h["agreement"]
+            agree[s] = {q: a["trained"] - a["initial"] for q, a in by.items()
+                        if len(a) == 2 and not math.isnan(a["trained"] - a["initial"])}
+    if agree:
+        ids = sorted(set.intersection(*(set(a) for a in agree.values())))
+        mean, lo, hi = paired_interval(np.array([[agree[s][q] for s in agree] for q in ids]))
+        print(f"\nhelpfulness agreement, JMLR's trained retriever - the initial one, pooled over seeds {sorted(agree)} "
+              f"({len(ids)} questions, bootstrap over questions): {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+
     print("\n### does the LLM read? its loss given the gold document, the other candidates, no document (trained "
           "JMLR LLM, helpfulness questions whose gold document is a candidate)\n")
     print("| seed | n | gold most helpful | chance | loss: gold | others (mean) | none |\n|---|---|---|---|---|---|---|")

@@ -155,8 +155,8 @@ def resolve_retriever(name: str) -> str:
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast: "auto" where the hardware has bf16 matmuls: CUDA with compute capability 8.0+
-    (Ampere, Hopper) and CPUs with AVX512-BF16 (which run the demo's steps and SmolLM2's passes
-    1.2-2.9x faster than fp32; without it bf16 is emulated and slower); "bf16" on any device; never
+    (Ampere, Hopper) and CPUs with AVX512-BF16 (SmolLM2's passes run 2-3x faster than in fp32, the
+    demo's tiny ones a little; without it bf16 is emulated and slower); "bf16" on any device; never
     with "off"."""
     if cfg.autocast != "auto":
         return cfg.autocast == "bf16"

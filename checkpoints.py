@@ -149,8 +149,8 @@ INPUT_FILES = ("train_file", "val_file", "test_file", "corpus", "candidates")
 def input_digests(cfg: "TrainConfig") -> dict[str, str]:
     """{setting: sha256 of its file} for every file a run reads its data from: a resumed run must
     read the same data, and a file edited in place keeps its name (the config alone cannot tell)."""
-    return {key: file_digest(Path(getattr(cfg, key))) for key in INPUT_FILES
-            if getattr(cfg, key) and Path(getattr(cfg, key)).is_file()}
+    paths = {key: getattr(cfg, key, "") for key in INPUT_FILES}
+    return {key: file_digest(Path(path)) for key, path in paths.items() if path and Path(path).is_file()}
 
 
 def file_digest(path: Path) -> str:

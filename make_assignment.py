@@ -284,7 +284,7 @@ def assignment_sheet(regions: list[Region], harder: bool) -> str:
         out += [f"- {d}" for d in a.details]
         out += [f"- Check: `python -m pytest -m {a.name}` (shapes and a value or two; the grading checks more)."]
     out += ["", "## When every assignment passes", "",
-            "`python final_check.py` runs every public test, then the built-in demo (about 5 minutes on 2 CPU",
+            "`python final_check.py` runs every public test, then the built-in demo (about 4 minutes on 2 CPU",
             "cores): the LLM and the retriever trained with a frozen retriever (RAG) and with JMLR. It passes when",
             "JMLR beats RAG on the held-out questions, which needs every assignment working together.", ""]
     return "\n".join(out)

@@ -155,9 +155,9 @@ def resolve_retriever(name: str) -> str:
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast: "auto" where the hardware has bf16 matmuls: CUDA with compute capability 8.0+
-    (Ampere, Hopper) and CPUs with AVX512-BF16 (SmolLM2's passes run 2-3x faster than in fp32, the
-    demo's tiny ones a little; without it bf16 is emulated and slower); "bf16" on any device; never
-    with "off"."""
+    (Ampere, Hopper) and CPUs with AVX512-BF16 (SmolLM2's passes run 2-3x faster than in fp32; the
+    demo's 64-wide ones gain nothing, so its preset says "off"; without AVX512-BF16 bf16 is emulated
+    and slower); "bf16" on any device; never with "off"."""
     if cfg.autocast != "auto":
         return cfg.autocast == "bf16"
     if device.type == "cuda":
@@ -359,9 +359,10 @@ def prepare(cfg: TrainConfig, rank: int, world: int = 1,
     return load(cfg.train_file), load(cfg.val_file), load(cfg.test_file)
 
 
-def train(cfg: TrainConfig, data: tuple | None = None, progress: dict | None = None) -> dict:
+def train(cfg: TrainConfig, data: tuple | None = None, progress: dict | None = None, shared: dict | None = None) -> dict:
     """Train cfg.jmlr.objective on `data` (train, validation, test examples; read from cfg's files
-    when None) -> the final validation/test results."""
+    when None) -> the final validation/test results. `shared` keeps what the rows of one compare()
+    find alike: the curriculum's questions, which every row's initial retriever picks the same."""
     check_settings(cfg)
     rank, world, device = ci.setup_distributed(cfg.dist_timeout_minutes)
     train_set, val_set, test_set = data or prepare(cfg, rank, world, device)
@@ -382,7 +383,10 @@ def train(cfg: TrainConfig, data: tuple | None = None, progress: dict | None = N
               f"{world} rank(s) x {accum} accumulation step(s) x {cfg.micro_batch_size} = batch {cfg.batch_size}")
     model = build_model(cfg, device)
     warmup_steps = int(cfg.curriculum * cfg.steps) if cfg.jmlr.objective != "none" else 0
-    pool = confident_questions(model, train_set, cfg) if warmup_steps else []
+    shared = {} if shared is None else shared
+    if warmup_steps and "pool" not in shared:               # the demo: 12 s of scoring, once per compare()
+        shared["pool"] = confident_questions(model, train_set, cfg)
+    pool = shared["pool"] if warmup_steps else []
     if warmup_steps and rank == 0:
         print(f"curriculum: {warmup_steps:,} steps on the {len(pool):,} questions the initial retriever is "
               "confident about")
@@ -500,13 +504,13 @@ def compare(cfg: TrainConfig, progress: dict | None = None):
     """Train every objective of cfg.compare with otherwise equal settings; print a table."""
     rank, world, device = ci.setup_distributed(cfg.dist_timeout_minutes)
     data = prepare(cfg, rank, world, device)              # read once: the same data and candidates for every row
-    results = {}
+    results, shared = {}, {}
     for objective in cfg.compare:          # the same seeds and steps for every row
         run = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / objective), compare=(),
                                   jmlr=dataclasses.replace(cfg.jmlr, objective=objective))
         if progress is not None:
             progress.update(cfg=run, step=None)          # main's message after Ctrl-C: this row, not started
-        results[objective] = train(run, data, progress)
+        results[objective] = train(run, data, progress, shared)
     if int(os.environ.get("RANK", 0)) == 0:
         k = cfg.jmlr.top_k
         times = "; ".join(f"{o} {r['seconds']:.0f} s" for o, r in results.items())

@@ -63,6 +63,9 @@ def main():
     evals = {(s, r): read_json(args.out / f"seed{s}-{r}.eval.json") for s in seeds for r in ROWS
              if (args.out / f"seed{s}-{r}.eval.json").is_file()}
     print(f"seeds {seeds}; rows {sorted({r for _, r in evals})}\n")
+    # RAG's retriever is the initial one, frozen and the same in every seed: where a seed has no RAG row,
+    # its retrieval figures "before" come from another seed's
+    frozen = next((e for (_, r), e in sorted(evals.items()) if r == "rag"), None)
 
     for rule in args.rules:
         print(f"### accuracy (%), rule `{rule}`, 95% Wilson intervals\n")
@@ -107,8 +110,8 @@ def main():
             trained = rows.get("trained", {})
             initial = next((v for k, v in rows.items() if k != "trained"), {})
             # recall@1 on all test questions: the row's own retriever, and the initial one (RAG's, frozen)
-            recall = {x: evals[s, x]["results"][0].get("recall@1", math.nan) if (s, x) in evals else math.nan
-                      for x in (r, "rag")}
+            recall = {x: e["results"][0].get("recall@1", math.nan) if e else math.nan
+                      for x, e in ((r, evals.get((s, r))), ("rag", frozen))}
             cell = lambda key: f"{trained.get(key, math.nan):.3f} ({initial.get(key, math.nan):.3f})"  # noqa: E731
             print(f"| {r} | {s} | {recall[r]:.3f} ({recall['rag']:.3f}) | {cell('helpful_agreement')} | "
                   f"{cell('helpful@1')} | {trained.get('n', '-')} |")
@@ -148,6 +151,9 @@ def main():
     hits = {}      # (seed, row) -> {question: gold document ranked first}
     for (s, r), e in evals.items():
         hits[s, r] = {q["id"]: q.get("gold_rank") == 1 for q in e["questions"] if q.get("score") == args.rules[0]}
+    if frozen is not None:
+        before = {q["id"]: q.get("gold_rank") == 1 for q in frozen["questions"] if q.get("score") == args.rules[0]}
+        hits.update({(s, "rag"): before for s in seeds})
     common = [s for s in seeds if (s, "jmlr") in hits and (s, "rag") in hits]
     if common:
         ids = sorted(set.intersection(*(set(hits[s, "jmlr"]) for s in common)))

@@ -1,6 +1,6 @@
 """eval_tables.py: what eval.py prints, as Markdown: the results table (one line per row of eval.py's
 --out), accuracy by subject, accuracy against k, the "which documents helped" report of
---helpfulness, and the contamination flags. Pure functions of what eval.py computes.
+--helpfulness. (The contamination flags: contamination.py.) Pure functions of what eval.py computes.
 
 A row (eval.main) holds its system (benchmark, checkpoint, retriever, mode, score, k) and the
 summary of eval.summarize: n, accuracy, ci95, and optionally by_subject, subject_mean, unparsed,
@@ -104,14 +104,4 @@ def help_reports(entries: list[dict], first: int = 3) -> str:
         seen[e["benchmark"], e["checkpoint"], e["retriever"]] += 1
         if seen[e["benchmark"], e["checkpoint"], e["retriever"]] <= first:
             out.append(help_report(e))
-    return "\n".join(out)
-
-
-def contamination_report(flagged: dict[str, list[dict]], sizes: dict[str, int], ngram: int, overlap: float) -> str:
-    """eval.contamination's flags of each benchmark (of sizes[name] questions), one line each."""
-    out = []
-    for name, flags in flagged.items():
-        out.append(f"\ncontamination of {name} ({ngram}-grams, flagged at {overlap:.0%}): {len(flags)} of "
-                   f"{sizes[name]:,} questions")
-        out += [f"  {f['id']}: {f['overlap']:.0%} in {f['source']} {f['source_id']}: {f['question']}" for f in flags]
     return "\n".join(out)

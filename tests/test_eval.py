@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import colbert_index as ci
 import eval as ev
+from contamination import contamination
 import retriever as rt
 from demo import make_demo_models
 from jmlr import JMLR, Example, JMLRConfig
@@ -438,20 +439,20 @@ def test_contamination_flags_a_planted_duplicate_and_nothing_clean(tmp_path):
     clean = tmp_path / "clean.jsonl"   # shares the closing sentence and some words, not the questions
     clean.write_text(json.dumps({"id": "c1", "contents": "Which of the following is the most likely diagnosis? "
                                  "Lupus presents with a malar rash and joint pain in a young woman."}) + "\n")
-    assert ev.contamination(records, [str(clean)]) == [], "a clean corpus must flag nothing"
+    assert contamination(records, [str(clean)]) == [], "a clean corpus must flag nothing"
     leaked = tmp_path / "leaked.jsonl"  # a GPT-4-style explanation that restates question 2
     leaked.write_text(clean.read_text() + json.dumps({"id": "gpt4-17", "contents": "Explanation: a 60 year old man has "
                       "crushing chest pain radiating to the left arm for two hours; which of the following is the most "
                       "likely diagnosis? Myocardial infarction."}) + "\n")
-    flags = ev.contamination(records, [str(leaked)])
+    flags = contamination(records, [str(leaked)])
     assert [(f["id"], f["source_id"]) for f in flags] == [("q2", "gpt4-17")], f"flags: {flags}"
     # 21 8-grams of stem + options "x y"; the text lacks the options, so the last 2 are missing
     assert flags[0]["overlap"] == round(19 / 21, 3), "the share of the question's 8-grams in the leaked text"
     short = [QARecord("q3", "Drug of choice for scurvy?", {"A": "vitamin C", "B": "iron"}, "A")]   # 7 words
-    assert ev.contamination(short, [str(clean)]) == [], "a short question absent from the text"
+    assert contamination(short, [str(clean)]) == [], "a short question absent from the text"
     (tmp_path / "train.jsonl").write_text(json.dumps({"id": "t9", "question": "drug of choice for SCURVY",
                                                       "options": ["vitamin C", "iron"], "answer": "A"}) + "\n")
-    assert [f["source_id"] for f in ev.contamination(short, [str(tmp_path / "train.jsonl")])] == ["t9"], \
+    assert [f["source_id"] for f in contamination(short, [str(tmp_path / "train.jsonl")])] == ["t9"], \
         "a short question found whole in a training file"
 
 

@@ -10,7 +10,6 @@ gathered (a collective: every rank calls save_checkpoint) and rank 0 writes.
 """
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import retriever as rt
+from colbert_index import file_sha256
 from jmlr import JMLR, OptionHead
 from llama import (Llama, add_lora, atomic_write, check_keys_and_shapes, check_weight_values, open_safetensors,
                    read_headers, read_json)
@@ -160,11 +160,7 @@ def file_digest(path: Path) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _digest(path: str, size: int, mtime_ns: int) -> str:   # once per file version, not at every save
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(Path(path))
 
 
 # Settings a resumed run may change without changing what it trains (others: train.py's resume_changes)

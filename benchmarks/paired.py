@@ -66,6 +66,13 @@ def main():
     # RAG's retriever is the initial one, frozen and the same in every seed: where a seed has no RAG row,
     # its retrieval figures "before" come from another seed's
     frozen = next((e for (_, r), e in sorted(evals.items()) if r == "rag"), None)
+    helpful = {(s, r): read_json(args.out / f"seed{s}-{r}.helpful.json") for s in seeds for r in ("rag", "jmlr")
+               if (args.out / f"seed{s}-{r}.helpful.json").is_file()}
+    print("answers given (first rule):", "; ".join(f"{r} seed {s} {e['results'][0].get('predicted')}"
+                                                   for (s, r), e in sorted(evals.items())))
+    if frozen is not None:
+        found = [q["gold_rank"] != math.inf for q in frozen["questions"] if q.get("score") == frozen["results"][0]["score"]]
+        print(f"gold document among the candidates (the initial retriever's lists): {np.mean(found):.3f}\n")
 
     for rule in args.rules:
         print(f"### accuracy (%), rule `{rule}`, 95% Wilson intervals\n")
@@ -103,10 +110,9 @@ def main():
     print("| row | seed | recall@1 | helpful agreement | helpful@1 | n helpfulness |\n|---|---|---|---|---|---|")
     for s in seeds:
         for r in ("rag", "jmlr"):
-            path = args.out / f"seed{s}-{r}.helpful.json"
-            if not path.is_file():
+            if (s, r) not in helpful:
                 continue
-            rows = {row["retriever"]: row for row in read_json(path)["results"]}
+            rows = {row["retriever"]: row for row in helpful[s, r]["results"]}
             trained = rows.get("trained", {})
             initial = next((v for k, v in rows.items() if k != "trained"), {})
             # recall@1 on all test questions: the row's own retriever, and the initial one (RAG's, frozen)
@@ -118,10 +124,9 @@ def main():
 
     agree = {}     # seed -> {question: trained agreement - initial agreement}
     for s in seeds:
-        path = args.out / f"seed{s}-jmlr.helpful.json"
-        if path.is_file():
+        if (s, "jmlr") in helpful:
             by = {}
-            for h in read_json(path)["helpfulness"]:
+            for h in helpful[s, "jmlr"]["helpfulness"]:
                 by.setdefault(h["id"], {})["trained" if h["retriever"] == "trained" else "initial"] = h["agreement"]
             agree[s] = {q: a["trained"] - a["initial"] for q, a in by.items()
                         if len(a) == 2 and not math.isnan(a["trained"] - a["initial"])}
@@ -135,10 +140,7 @@ def main():
           "JMLR LLM, helpfulness questions whose gold document is a candidate)\n")
     print("| seed | n | gold most helpful | chance | loss: gold | others (mean) | none |\n|---|---|---|---|---|---|---|")
     for s in seeds:
-        path = args.out / f"seed{s}-jmlr.helpful.json"
-        if not path.is_file():
-            continue
-        reports = [h for h in read_json(path)["helpfulness"] if h["retriever"] == "trained" and h.get("gold")
+        reports = [h for h in helpful.get((s, "jmlr"), {}).get("helpfulness", []) if h["retriever"] == "trained" and h.get("gold")
                    and any(d["id"] == h["gold"] for d in h["documents"])]
         if not reports:
             continue
